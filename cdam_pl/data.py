@@ -837,8 +837,8 @@ class ImageDataModule(L.LightningDataModule):
             return dataset
         _, first_path, first_reason = bad[0]
         warnings.warn(
-            f"skipped {len(bad)} unreadable image{'s' if len(bad) != 1 else ''} in "
-            f"{dataset.root} (first: {first_path}: {first_reason})",
+            f"skipped {len(bad)} unreadable image{'s' if len(bad) != 1 else ''} "
+            f"(first: {first_path}: {first_reason})",
             UserWarning,
             stacklevel=3,
         )

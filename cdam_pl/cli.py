@@ -1,0 +1,22 @@
+"""Shared CLI plumbing: user errors become one line on stderr and exit status 2, never a traceback."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from cdam_pl.errors import CdamError
+
+EXIT_USER_ERROR = 2
+
+
+def run_cli(fn: Callable[[], int]) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return fn()
+    except CdamError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
