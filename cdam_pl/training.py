@@ -6,6 +6,7 @@ explanation callback. Returns where the logs and checkpoints went and the final 
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,8 @@ def run_training(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[s
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
+    # The frozen backbone is in eval mode on purpose; Lightning's warning about it is noise here.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     t0 = time.perf_counter()
     use_cache = cfg.cache.enabled and not cfg.data.augment
     if use_cache:

@@ -35,3 +35,31 @@ def tiny_backbone(key: str = "p16", img_size=None, perturb: bool = True, **kwarg
 @pytest.fixture
 def tiny():
     return tiny_backbone
+
+
+def tiny_config(out_dir, *overrides: str):
+    """A config for a depth-2 random ViT at 32 px on scikit-learn digits: trains in seconds on CPU."""
+    from cdam_pl.config import load_config
+
+    base = [
+        "backbone.name=vit_small_patch16_224.dino", "backbone.weights=null", "backbone.img_size=32",
+        "backbone.kwargs.depth=2", "backbone.kwargs.embed_dim=64", "backbone.kwargs.num_heads=4",
+        "data.name=digits", "data.batch_size=64", "data.val_split=0.2",
+        "trainer.max_epochs=2", "trainer.accelerator=cpu", "trainer.devices=1",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "explain.enabled=false", "cache.enabled=false", f"cache.dir={out_dir}/cache",
+        f"out_dir={out_dir}", "run_name=tiny", "optim.lr=3e-3",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Path of a last.ckpt trained by run_training on digits with a tiny random ViT (shared by the session)."""
+    from cdam_pl.training import run_training
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_training(tiny_config(out))
+    return result["last_checkpoint"]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cdam_pl.explain import CDAM, attention_maps, concept_vectors
+from cdam_pl.explain.reference import naive_cdam
 from cdam_pl.errors import CdamError
 from tests.conftest import tiny_backbone
 
@@ -17,31 +18,6 @@ RTOL = 1e-5
 
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def naive_cdam(backbone, score_fn, images, z_transform=None):
-    """score_fn(embeddings) -> [B] scalar per image. z_transform perturbs the last block's input (smooth/IG)."""
-    blk = backbone.model.blocks[-1]
-    store = {}
-
-    def pre(mod, args):
-        return (z_transform(args[0]),) if z_transform is not None else None
-
-    def keep(mod, inp, out):
-        out.retain_grad()
-        store["T"] = out
-
-    hooks = [blk.register_forward_pre_hook(pre), blk.norm1.register_forward_hook(keep)]
-    try:
-        x = images.clone().requires_grad_(True)  # autograd through every block, down to the pixels
-        score_fn(backbone(x)).sum().backward()
-    finally:
-        for h in hooks:
-            h.remove()
-    t = store["T"]
-    s = (t * t.grad).sum(-1)[:, backbone.num_prefix_tokens:]
-    gh, gw = backbone.grid_size(*images.shape[-2:])
-    return s.reshape(-1, gh, gw).detach()
 
 
 def make_head(kind, d, c=5):
@@ -164,7 +140,6 @@ def test_attention_maps_equal_explicit_softmax_of_last_block():
         bb(images)
     h.remove()
     a = blk.attn
-    qkv = a.qkv(captured["t"]).reshape(3, -1, 6 + 5, 3, a.num_heads, a.head_dim)[0] if False else None  # noqa
     b, t, _ = captured["t"].shape
     qkv = a.qkv(captured["t"]).reshape(b, t, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
     probs = ((qkv[0] * a.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)  # [B, h, T, T]

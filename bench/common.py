@@ -1,0 +1,63 @@
+"""Shared benchmark plumbing: a best-of-N timer and result rows that bench/run_all.py collects into BENCHMARKS.md.
+
+Figures are ratios against a baseline timed in the same process, never absolute timings asserted in tests.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass
+class Row:
+    bench: str
+    name: str
+    seconds: float
+    baseline: str
+    baseline_seconds: float
+    goal: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.seconds / self.baseline_seconds
+
+    def markdown(self) -> str:
+        return (f"| {self.bench} | {self.name} | {self.seconds * 1e3:.1f} ms | {self.baseline} | "
+                f"{self.ratio:.2f}x | {self.goal} |")
+
+
+HEADER = "| benchmark | measured | time | baseline (same run) | ratio | goal |\n|---|---|---|---|---|---|"
+
+
+def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, device: str = "cpu") -> float:
+    """Best-of-`repeat` wall time of fn() in seconds (best-of is the least noisy estimator on a shared machine)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def machine() -> str:
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
+            f"{torch.get_num_threads()}{gpu}, torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def print_rows(rows: list[Row]) -> None:
+    print(HEADER)
+    for r in rows:
+        print(r.markdown())

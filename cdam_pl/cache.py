@@ -1,0 +1,666 @@
+"""On-disk cache of frozen-backbone features, so head training costs one backbone pass.
+
+Layout of a cache directory `<root>/<key[:16]>/`::
+
+    shard_00000.npy          features [rows, D] (float32 or float16), memory-mapped when read
+    shard_00000.labels.npy   labels [rows] int64
+    shard_00000.json         marker written last: key, config, rows, size and sha256 of both files
+    ...
+    header.json              written once every shard exists: format version, key, N, D, dtype, shards
+
+Shard `s` covers samples `[s * shard_size, (s + 1) * shard_size)`. Every file is written atomically (temp file in
+the same directory, then `os.replace`), so a killed build leaves only whole shards and resumes from them. Ranks of
+a distributed build each extract the shards with `s % world_size == rank` and meet through the file system (no
+collective calls, so no NCCL timeout however long extraction takes).
+
+Reading never loads the features into memory: each shard is opened with `np.load(mmap_mode="r")` and batches are
+gathered from the page cache, so an ImageNet-sized cache (1.28M x 768 float16, ~2 GB) trains in constant RAM.
+
+Validation: `load` always checks the header, each file's size and its `.npy` header (shape, dtype), which catches
+missing and truncated shards. Full sha256 checksums of every byte are checked only with `verify=True`; the default
+is `verify=True` for caches below `VERIFY_LIMIT` (50M) feature elements and `False` above, where hashing every
+byte on every load would cost more than it saves.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Subset, get_worker_info
+
+from cdam_pl.errors import ConfigError, DataError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "VERIFY_LIMIT",
+    "BatchedFeatureDataset",
+    "CacheIncomplete",
+    "FeatureCache",
+    "FeatureLoader",
+    "cache_key",
+    "default_cache_root",
+]
+
+FORMAT_VERSION = 1
+VERIFY_LIMIT = 50_000_000  # feature elements (N * D) below which `load` verifies checksums by default
+DTYPES = ("float32", "float16")
+HEADER = "header.json"
+
+log = logging.getLogger(__name__)
+
+
+class CacheIncomplete(DataError):
+    """A distributed build finished its own shards but other ranks' shards did not appear within `wait` seconds."""
+
+    def __init__(self, message: str, missing: list[int]):
+        super().__init__(message)
+        self.missing = missing
+
+
+# --------------------------------------------------------------------------------------------------------------
+# keys and paths
+# --------------------------------------------------------------------------------------------------------------
+def default_cache_root() -> Path:
+    """`$CDAM_PL_CACHE/features`, or `~/.cache/cdam_pl/features`."""
+    base = os.environ.get("CDAM_PL_CACHE") or "~/.cache/cdam_pl"
+    return Path(base).expanduser() / "features"
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (torch.dtype, np.dtype)):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise ConfigError(f"cache key: cannot encode {type(obj).__name__} {obj!r} as JSON; pass str/int/float/list/dict")
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False, default=_json_default
+    ).encode()
+
+
+def cache_key(identity: dict, transform_id: str, sample_ids: Sequence[str], extra: dict | None = None) -> str:
+    """sha256 hex of everything that determines the cached features.
+
+    Hashes the canonical JSON (sorted keys, no whitespace) of `{"version", "identity", "transform", "extra", "n"}`
+    followed by the JSON of each sample id in order (streamed, so millions of ids cost no big string). Put the
+    storage dtype and anything else that changes the features (e.g. `{"dtype": "float16"}`) in `extra`.
+    """
+    ids = sample_ids if isinstance(sample_ids, Sequence) and not isinstance(sample_ids, str) else None
+    if ids is None:
+        raise ConfigError(f"cache key: sample_ids must be a sequence of ids, got {type(sample_ids).__name__}")
+    h = hashlib.sha256()
+    meta = {
+        "version": FORMAT_VERSION,
+        "identity": identity,
+        "transform": str(transform_id),
+        "extra": extra or {},
+        "n": len(ids),
+    }
+    h.update(_canonical(meta))
+    chunk: list[bytes] = []
+    for sid in ids:
+        chunk.append(_canonical(os.fspath(sid) if isinstance(sid, os.PathLike) else sid))
+        if len(chunk) >= 8192:
+            h.update(b"\n" + b"\n".join(chunk))
+            chunk.clear()
+    if chunk:
+        h.update(b"\n" + b"\n".join(chunk))
+    return h.hexdigest()
+
+
+def _check_dtype(dtype: Any) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in DTYPES:
+        raise ConfigError(f"feature cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dt
+
+
+def _cache_dir(root: str | os.PathLike, key: str) -> Path:
+    if not isinstance(key, str) or len(key) < 16 or not all(c in "0123456789abcdef" for c in key):
+        raise ConfigError(f"feature cache key must be a lowercase hex digest (see cache_key), got {key!r}")
+    return Path(root).expanduser() / key[:16]
+
+
+def _shard_paths(directory: Path, s: int) -> tuple[Path, Path, Path]:
+    stem = f"shard_{s:05d}"
+    return directory / f"{stem}.npy", directory / f"{stem}.labels.npy", directory / f"{stem}.json"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# files
+# --------------------------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write bytes to `path` via a temp file in the same directory and `os.replace`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    if fortran:
+        raise ValueError("Fortran order")
+    return tuple(shape), np.dtype(dtype)
+
+
+def _check_file(path: Path, entry: dict, shape: tuple[int, ...], dtype: np.dtype, verify: bool) -> str | None:
+    """None if `path` matches its recorded size/sha256 and `.npy` header, else what is wrong."""
+    what = "labels" if path.name.endswith(".labels.npy") else "features"
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"{what} file missing"
+    if size != entry.get("size"):
+        return f"{what} size mismatch ({size} != {entry.get('size')} bytes)"
+    try:
+        got_shape, got_dtype = _npy_header(path)
+    except (OSError, ValueError) as e:
+        return f"{what} header unreadable ({e})"
+    if got_shape != shape or got_dtype != dtype:
+        return f"{what} is {got_dtype}{list(got_shape)}, expected {dtype}{list(shape)}"
+    if verify and _file_sha256(path) != entry.get("sha256"):
+        return f"{what} checksum mismatch"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the cache
+# --------------------------------------------------------------------------------------------------------------
+class FeatureCache:
+    """Memory-mapped features [N, D] + int64 labels [N] in a directory `<root>/<key[:16]>/`.
+
+    Build with `FeatureCache.build`, reopen with `FeatureCache.load`; read with `features(indices)` or `loader()`.
+    """
+
+    def __init__(self, directory: Path, header: dict, labels: np.ndarray):
+        self.path = Path(directory)
+        self.key: str = header["key"]
+        self.shard_size: int = int(header["shard_size"])
+        self._n = int(header["n"])
+        self._dim = int(header["dim"])
+        self._dtype = np.dtype(header["dtype"])
+        self._files = [self.path / sh["features"]["file"] for sh in header["shards"]]
+        self._labels = labels
+        self._labels.flags.writeable = False
+        self._arrays: list[np.ndarray] | None = None
+
+    # --- opening ----------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, root: str | os.PathLike, key: str, verify: bool | None = None) -> "FeatureCache | None":
+        """The complete cache for `key`, or None when missing, incomplete or damaged (damage is warned about).
+
+        Always checks the header and each shard's file sizes and `.npy` headers; `verify=True` also checks every
+        byte against the recorded sha256 (default: True when N * D < VERIFY_LIMIT, else False).
+        """
+        directory = _cache_dir(root, key)
+        header, problem = cls._read_header(directory, key)
+        if problem is None and header is not None:
+            if verify is None:
+                verify = header["n"] * header["dim"] < VERIFY_LIMIT
+            problem = cls._check_shards(directory, header, verify)
+        if problem is not None:
+            warnings.warn(f"feature cache {directory} is damaged ({problem}); build() rebuilds it", stacklevel=2)
+            return None
+        if header is None:
+            return None
+        labels = np.concatenate(
+            [np.load(directory / sh["labels"]["file"], allow_pickle=False) for sh in header["shards"]]
+        )
+        return cls(directory, header, labels)
+
+    @staticmethod
+    def _read_header(directory: Path, key: str) -> tuple[dict | None, str | None]:
+        path = directory / HEADER
+        if not path.is_file():
+            return None, None
+        try:
+            header = json.loads(path.read_text())
+            version = header.get("version")
+            if version != FORMAT_VERSION:
+                return None, f"format version {version!r}, expected {FORMAT_VERSION}"
+            if header.get("key") != key:
+                return None, f"header is for key {str(header.get('key'))[:16]}..., not {key[:16]}..."
+            n, dim, shard_size, shards = header["n"], header["dim"], header["shard_size"], header["shards"]
+            _check_dtype(header["dtype"])
+            if len(shards) != math.ceil(n / shard_size) or sum(sh["rows"] for sh in shards) != n or dim <= 0:
+                return None, "header: shard list does not add up to N"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as e:
+            return None, f"header.json unreadable: {type(e).__name__}: {e}"
+        return header, None
+
+    @staticmethod
+    def _check_shards(directory: Path, header: dict, verify: bool) -> str | None:
+        dtype, dim = np.dtype(header["dtype"]), header["dim"]
+        bad = []
+        for s, sh in enumerate(header["shards"]):
+            rows = min(header["shard_size"], header["n"] - s * header["shard_size"])
+            feat, lab, _ = _shard_paths(directory, s)
+            if sh.get("rows") != rows or sh["features"].get("file") != feat.name or sh["labels"].get("file") != lab.name:
+                why = "header entry inconsistent"
+            else:
+                why = _check_file(feat, sh["features"], (rows, dim), dtype, verify) or _check_file(
+                    lab, sh["labels"], (rows,), np.dtype(np.int64), verify
+                )
+            if why:
+                bad.append(f"shard {s}: {why}")
+        if not bad:
+            return None
+        return "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+
+    # --- building ---------------------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        root: str | os.PathLike,
+        key: str,
+        dataset,
+        extract: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        dim: int,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        dtype: str = "float32",
+        shard_size: int = 4096,
+        rank: int = 0,
+        world_size: int = 1,
+        progress: bool = True,
+        verify: bool | None = None,
+        wait: float = 24 * 3600.0,
+        poll: float = 2.0,
+    ) -> "FeatureCache":
+        """Load the cache for `key`, or extract it from `dataset` (items `(image, label, ...)`) with `extract`.
+
+        `extract(images) -> [b, dim]` runs under `torch.no_grad()` on unshuffled batches that never cross a shard
+        boundary. Shards already finished (marker present, sizes/headers valid, checksums too with `verify`) are
+        kept, so an interrupted or damaged build resumes. With `world_size > 1` this rank extracts shards
+        `s % world_size == rank`, then polls every `poll` s, up to `wait` s, for the others' shards; the rank that
+        sees all shards writes `header.json`. `wait=0` raises `CacheIncomplete` at once when shards are missing.
+        """
+        dt = _check_dtype(dtype)
+        if not isinstance(dim, int) or dim <= 0:
+            raise ConfigError(f"feature cache dim must be a positive int, got {dim!r}")
+        if shard_size <= 0 or batch_size <= 0:
+            raise ConfigError(f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside world_size {world_size}")
+        n = len(dataset)
+        if n == 0:
+            raise DataError("cannot build a feature cache from an empty dataset")
+        directory = _cache_dir(root, key)
+        if verify is None:
+            verify = n * dim < VERIFY_LIMIT
+
+        cache = cls.load(root, key, verify=verify)
+        if cache is not None:
+            if (len(cache), cache.dim, cache.dtype, cache.shard_size) == (n, dim, dt, shard_size):
+                return cache
+            warnings.warn(
+                f"feature cache {directory} holds N={len(cache)}, D={cache.dim}, {cache.dtype}, "
+                f"shard_size={cache.shard_size} but N={n}, D={dim}, {dt}, shard_size={shard_size} was asked for; "
+                "rebuilding (put everything that changes the features in the key)",
+                stacklevel=2,
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"version": FORMAT_VERSION, "key": key, "n": n, "dim": dim, "dtype": dt.name, "shard_size": shard_size}
+        num_shards = math.ceil(n / shard_size)
+        mine = [s for s in range(rank, num_shards, world_size)]
+        todo = [s for s in mine if cls._shard_entry(directory, s, config, verify) is None]
+        if todo:
+            done = len(mine) - len(todo)
+            if done:
+                log.info("feature cache %s: resuming, %d of %d shards of rank %d done", directory, done, len(mine), rank)
+            try:
+                (directory / HEADER).unlink()
+            except FileNotFoundError:
+                pass
+            cls._clean_temp(directory, todo)
+            cls._extract(directory, dataset, extract, todo, config, batch_size, num_workers, progress and rank == 0)
+
+        deadline = time.monotonic() + max(0.0, wait)
+        while True:
+            entries = [cls._shard_entry(directory, s, config, verify=False) for s in range(num_shards)]
+            missing = [s for s, e in enumerate(entries) if e is None]
+            if not missing:
+                break
+            if time.monotonic() >= deadline:
+                raise CacheIncomplete(
+                    f"feature cache {directory} is incomplete: shards {missing[:8]}{'...' if len(missing) > 8 else ''} "
+                    f"of other ranks are missing after {wait:g} s; run the remaining ranks",
+                    missing,
+                )
+            time.sleep(poll)
+
+        header = {**config, "shards": entries}
+        if cls._read_header(directory, key)[0] != header:
+            _atomic_write(directory / HEADER, json.dumps(header, sort_keys=True, indent=1).encode())
+        cache = cls.load(root, key, verify=False)
+        if cache is None:  # a concurrent writer damaged it between our checks and now
+            raise DataError(f"feature cache {directory} changed while it was being finalised; run again")
+        return cache
+
+    @staticmethod
+    def _shard_entry(directory: Path, s: int, config: dict, verify: bool) -> dict | None:
+        """The finished shard's header entry, or None when it must be (re)built."""
+        feat, lab, marker = _shard_paths(directory, s)
+        try:
+            m = json.loads(marker.read_text())
+            if {k: m.get(k) for k in config} != config or m.get("index") != s:
+                return None
+            rows = min(config["shard_size"], config["n"] - s * config["shard_size"])
+            entry = {"rows": m["rows"], "features": m["features"], "labels": m["labels"]}
+            if entry["rows"] != rows or entry["features"]["file"] != feat.name or entry["labels"]["file"] != lab.name:
+                return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        dtype = np.dtype(config["dtype"])
+        if _check_file(feat, entry["features"], (rows, config["dim"]), dtype, verify) or _check_file(
+            lab, entry["labels"], (rows,), np.dtype(np.int64), verify
+        ):
+            return None
+        return entry
+
+    @staticmethod
+    def _clean_temp(directory: Path, shards: list[int]) -> None:
+        """Remove temp files a killed run left for these shards (other ranks' temp files are left alone)."""
+        prefixes = tuple(f".shard_{s:05d}." for s in shards)
+        for p in directory.glob(".shard_*.tmp"):
+            if p.name.startswith(prefixes):
+                p.unlink(missing_ok=True)
+
+    @staticmethod
+    def _extract(directory, dataset, extract, shards, config, batch_size, num_workers, progress) -> None:
+        from tqdm.auto import tqdm
+
+        n, shard_size, dim = config["n"], config["shard_size"], config["dim"]
+        dtype = np.dtype(config["dtype"])
+        ranges = [(s * shard_size, min(n, (s + 1) * shard_size)) for s in shards]
+        indices = [i for a, b in ranges for i in range(a, b)]
+        # Batches of positions into Subset(indices), cut so that no batch crosses a shard boundary.
+        batches, pos = [], 0
+        for a, b in ranges:
+            batches += [list(range(pos + i, pos + min(i + batch_size, b - a))) for i in range(0, b - a, batch_size)]
+            pos += b - a
+        loader = DataLoader(Subset(dataset, indices), batch_sampler=batches, num_workers=num_workers)
+        bar = tqdm(total=len(indices), desc=f"extracting features -> {directory.name}", unit="img", disable=not progress)
+        it = iter(loader)
+        try:
+            for s, (a, b) in zip(shards, ranges):
+                feats = np.empty((b - a, dim), dtype)
+                labels = np.empty(b - a, np.int64)
+                filled = 0
+                while filled < b - a:
+                    batch = next(it)
+                    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                        raise DataError("feature cache: dataset items must be (image, label, ...) tuples")
+                    images, y = batch[0], torch.as_tensor(batch[1])
+                    with torch.no_grad():
+                        out = extract(images)
+                    k = len(y)
+                    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (k, dim):
+                        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                        raise DataError(f"feature cache: extract returned {got} for {k} images, expected ({k}, {dim})")
+                    if y.is_floating_point() or y.is_complex() or y.ndim != 1:
+                        raise DataError(f"feature cache: labels must be integer scalars, got {y.dtype} {tuple(y.shape)}")
+                    x = out.detach().float().cpu().numpy().astype(dtype, copy=False)
+                    if not np.isfinite(x).all():
+                        raise DataError(f"feature cache: non-finite features in shard {s} (overflow in {dtype.name}?)")
+                    feats[filled : filled + k] = x
+                    labels[filled : filled + k] = y.numpy()
+                    filled += k
+                    bar.update(k)
+                _write_shard(directory, s, feats, labels, config)
+        finally:
+            bar.close()
+            del it
+
+    # --- reading ----------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Storage dtype (float32 or float16); `features()` always returns float32."""
+        return self._dtype
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int64 [N], read-only."""
+        return self._labels
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._files)
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.path)!r}, N={self._n}, D={self._dim}, {self._dtype.name}, {self.num_shards} shards)"
+
+    def __getstate__(self) -> dict:  # DataLoader workers reopen the memmaps instead of pickling their contents
+        state = self.__dict__.copy()
+        state["_arrays"] = None
+        return state
+
+    @property
+    def arrays(self) -> list[np.ndarray]:
+        """The read-only memmap of each shard, opened on first use."""
+        if self._arrays is None:
+            # plain ndarray views of the memmaps (np.memmap's Python-level __getitem__ costs more than the read)
+            self._arrays = [np.load(f, mmap_mode="r", allow_pickle=False).view(np.ndarray) for f in self._files]
+        return self._arrays
+
+    def _indices(self, indices) -> np.ndarray:
+        if isinstance(indices, torch.Tensor):
+            indices = indices.cpu().numpy()
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            raise IndexError("feature cache: boolean masks are not supported; pass integer indices")
+        if idx.size and not np.issubdtype(idx.dtype, np.integer):
+            raise IndexError(f"feature cache: indices must be integers, got {idx.dtype}")
+        idx = idx.astype(np.int64, copy=False).reshape(-1)
+        if idx.size and (idx.min() < -self._n or idx.max() >= self._n):
+            raise IndexError(f"feature cache index out of range for {self._n} samples")
+        return np.where(idx < 0, idx + self._n, idx)
+
+    def features(self, indices: np.ndarray | slice) -> torch.Tensor:
+        """float32 tensor [n, D] of the given rows (any order, repeats allowed), gathered shard by shard."""
+        if isinstance(indices, slice):
+            start, stop, step = indices.indices(self._n)
+            if step == 1:
+                return self._range(start, max(start, stop))
+            indices = np.arange(start, stop, step, dtype=np.int64)
+        idx = self._indices(indices)
+        out = np.empty((idx.size, self._dim), np.float32)
+        if idx.size == 0:
+            return torch.from_numpy(out)
+        presorted = bool((idx[1:] >= idx[:-1]).all())
+        order = None if presorted else np.argsort(idx, kind="stable")
+        sidx = idx if presorted else idx[order]
+        shard, rows = np.divmod(sidx, self.shard_size)
+        cuts = (np.flatnonzero(shard[1:] != shard[:-1]) + 1).tolist()
+        dst = out if presorted else np.empty_like(out)
+        arrays = self.arrays
+        for a, b in zip([0, *cuts], [*cuts, sidx.size]):  # one fancy-index read per shard touched
+            dst[a:b] = arrays[shard[a]][rows[a:b]]
+        if not presorted:
+            out[order] = dst
+        return torch.from_numpy(out)
+
+    def _range(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as contiguous reads, shard by shard."""
+        out = np.empty((stop - start, self._dim), np.float32)
+        arrays, size = self.arrays, self.shard_size
+        i = start
+        while i < stop:
+            s, r = divmod(i, size)
+            k = min(stop - i, size - r)
+            out[i - start : i - start + k] = arrays[s][r : r + k]
+            i += k
+        return torch.from_numpy(out)
+
+    def loader(
+        self,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        epoch_seed_fn: Callable[[], int] | None = None,
+        *,
+        num_workers: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> "FeatureLoader":
+        """A DataLoader yielding `(features float32 [b, D], labels int64 [b])` batches.
+
+        Each iteration is one epoch: a permutation seeded by `(seed, epoch)` (or index order when not shuffling) cut
+        into batches, indices sorted within a batch. The epoch is `epoch_seed_fn()` when given (pass
+        `lambda: trainer.current_epoch` for exact resumes) else a counter that starts at 0 and advances on each
+        `iter()`. Under torch.distributed (or explicit `rank`/`world_size`) each rank gets every world_size-th
+        batch, the same count on every rank (padded by wrapping around unless drop_last).
+        """
+        ds = BatchedFeatureDataset(self, batch_size, shuffle, seed, drop_last, rank=rank, world_size=world_size)
+        return FeatureLoader(ds, epoch_seed_fn=epoch_seed_fn, num_workers=num_workers)
+
+
+def _write_shard(directory: Path, s: int, feats: np.ndarray, labels: np.ndarray, config: dict) -> None:
+    """Write one shard's two `.npy` files, then its marker; each atomically."""
+    feat_path, lab_path, marker = _shard_paths(directory, s)
+    entry: dict[str, Any] = {"rows": int(len(labels))}
+    for name, path, arr in (("features", feat_path, feats), ("labels", lab_path, labels)):
+        data = _npy_bytes(arr)
+        _atomic_write(path, data)
+        entry[name] = {"file": path.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    _atomic_write(marker, json.dumps({**config, "index": s, **entry}, sort_keys=True).encode())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# batched loading
+# --------------------------------------------------------------------------------------------------------------
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class BatchedFeatureDataset(IterableDataset):
+    """Yields whole batches `(features, labels)` of a `FeatureCache`; one pass is one epoch (see `loader`)."""
+
+    def __init__(self, cache: FeatureCache, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                 *, rank: int | None = None, world_size: int | None = None):
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        self.cache, self.batch_size, self.shuffle, self.seed, self.drop_last = cache, batch_size, shuffle, seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def _rank_world(self) -> tuple[int, int]:
+        rank, world = _dist_rank_world()
+        rank = rank if self.rank is None else self.rank
+        world = world if self.world_size is None else self.world_size
+        if not 0 <= rank < world:
+            raise ConfigError(f"rank {rank} is outside world_size {world}")
+        return rank, world
+
+    def _num_batches(self) -> int:
+        n = len(self.cache)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch."""
+        nb, (_, world) = self._num_batches(), self._rank_world()
+        return nb // world if self.drop_last else math.ceil(nb / world)
+
+    def batch_indices(self, epoch: int | None = None) -> list[np.ndarray]:
+        """This rank's batches of sample indices for `epoch` (default: the current one), each sorted."""
+        epoch = self.epoch if epoch is None else epoch
+        n, bs, nb = len(self.cache), self.batch_size, self._num_batches()
+        if self.shuffle:
+            order = np.random.default_rng([int(self.seed) & 0xFFFFFFFFFFFF, int(epoch)]).permutation(n)
+        else:
+            order = np.arange(n, dtype=np.int64)
+        rank, world = self._rank_world()
+        ids = [(rank + world * i) % nb for i in range(len(self))] if nb else []
+        return [np.sort(order[b * bs : (b + 1) * bs]) for b in ids]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self.batch_indices()
+        info = get_worker_info()
+        if info is not None:  # each worker yields its share; DataLoader interleaves them back in order
+            batches = batches[info.id :: info.num_workers]
+        labels = self.cache.labels
+        for idx in batches:
+            yield self.cache.features(idx), torch.from_numpy(labels[idx])
+
+
+class FeatureLoader(DataLoader):
+    """`DataLoader(BatchedFeatureDataset, batch_size=None)` that sets the dataset's epoch on every `iter()`."""
+
+    def __init__(self, dataset: BatchedFeatureDataset, epoch_seed_fn: Callable[[], int] | None = None,
+                 num_workers: int = 0, **kwargs):
+        if kwargs.pop("persistent_workers", False):
+            raise ConfigError("FeatureLoader cannot use persistent workers: they would not see the new epoch")
+        kwargs.pop("batch_size", None)
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
+        self.epoch_seed_fn = epoch_seed_fn
+        self._next_epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next `iter()` epoch `epoch` (the counter continues from there)."""
+        self._next_epoch = int(epoch)
+
+    def __iter__(self):
+        if self.epoch_seed_fn is not None:
+            epoch = int(self.epoch_seed_fn())
+        else:
+            epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        self.dataset.epoch = epoch
+        return super().__iter__()

@@ -1,0 +1,73 @@
+"""Token ablation map (TAM): score_i = f(x) - f(x without patch token i).
+
+Token i is removed from the sequence after the position embedding, before the first block (the other tokens keep
+their positions), so the model sees N - 1 patches. Signed: positive = the target logit drops without the token.
+
+All removals of a batch are independent sequences of the same length, so they run as large batches of
+(image, token) pairs in memory-bounded chunks; every K target is read from the same forward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from cdam_pl.backbone import FrozenViT
+from cdam_pl.explain.cdam import _explaining, _plain
+from cdam_pl.explain.common import TargetsLike, as_targets, check_range, head_or_identity
+
+# Upper bound on float elements of one chunk's largest activations (~128 MiB in float32).
+DEFAULT_MAX_ELEMENTS = 2**25
+
+
+def sequence_logits(backbone: FrozenViT, head: nn.Module, tokens: Tensor) -> Tensor:
+    """Logits of token sequences that already went through the embedding: [S, T', D] -> [S, C]."""
+    return head(backbone.pool(backbone.run_blocks(tokens)))
+
+
+def keep_indices(num_prefix: int, num_patches: int, device: torch.device | str = "cpu") -> Tensor:
+    """Row i lists the token positions kept when patch i is removed: [N, P + N - 1]."""
+    t = num_prefix + num_patches
+    full = torch.arange(t, device=device).expand(num_patches, t)
+    drop = num_prefix + torch.arange(num_patches, device=device)
+    return full[full != drop[:, None]].view(num_patches, t - 1)
+
+
+def token_ablation_map(
+    backbone: FrozenViT,
+    head: nn.Module | None,
+    images: Tensor,
+    targets: TargetsLike,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """TAM for each target logit -> [B, K, gh, gw] float32, signed.
+
+    chunk_size: (image, token) removals per forward; default from max_elements (MLP and attention activations).
+    """
+    gh, gw = backbone.check_images(images)
+    head = head_or_identity(head)
+    b = images.shape[0]
+    idx = as_targets(targets, b, images.device)
+    with _explaining(backbone, head), torch.no_grad():
+        tokens = backbone.embed(_plain(images))  # [B, P+N, D]
+        _, t, d = tokens.shape
+        p = backbone.num_prefix_tokens
+        n = t - p
+        full = sequence_logits(backbone, head, tokens)  # [B, C]
+        check_range(idx, full.shape[1])
+        base = full.gather(1, idx)  # [B, K]
+        blk = backbone.model.blocks[0]
+        hidden = max(d, getattr(getattr(blk.mlp, "fc1", None), "out_features", 4 * d))
+        per_seq = (t - 1) * (hidden + blk.attn.num_heads * (t - 1))
+        chunk = int(chunk_size) if chunk_size else max(1, int(max_elements) // per_seq)
+        keep = keep_indices(p, n, tokens.device)  # [N, T-1]
+        img_of = torch.arange(b, device=tokens.device).repeat_interleave(n)  # pair -> image, image-major
+        tok_of = torch.arange(n, device=tokens.device).repeat(b)  # pair -> removed patch
+        ablated = torch.empty(b * n, idx.shape[1], device=tokens.device, dtype=full.dtype)
+        for start in range(0, b * n, chunk):
+            sl = slice(start, start + chunk)
+            seqs = tokens[img_of[sl, None], keep[tok_of[sl]]]  # [S, T-1, D]
+            logits = sequence_logits(backbone, head, seqs)  # [S, C]
+            ablated[sl] = logits.gather(1, idx[img_of[sl]])  # [S, K]
+        scores = base[:, None, :] - ablated.view(b, n, -1)  # [B, N, K]
+    return scores.permute(0, 2, 1).reshape(b, idx.shape[1], gh, gw).float()

@@ -1,0 +1,309 @@
+"""Explanation-quality metrics.
+
+Plain functions for the training callback, and torchmetrics Metrics (batched, stateful, synced under DDP) for
+comparing explanation methods (`cdam_pl.benchmark`). Definitions: /work/shared/docs/method.md, "Quantitative
+properties". Maps are token grids [..., gh, gw] as every method in `cdam_pl.explain.registry` returns them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from cdam_pl.errors import CdamError
+
+
+# =====================================================================================================================
+# Method comparison (issue 6): torchmetrics Metrics and deletion curves, used by cdam_pl.benchmark.
+# Every state is a sum (dist_reduce_fx="sum"), so DDP sync adds up per-rank totals and compute() divides once.
+# =====================================================================================================================
+
+DELETION_MODES = ("token", "pixel")
+REPLACEMENTS = ("mean", "blur", "zero")
+# Upper bound on float elements of one deletion chunk's largest activations (~128 MiB in float32).
+DELETION_MAX_ELEMENTS = 2**25
+
+
+def _flat_maps(maps: Tensor) -> Tensor:
+    """[..., gh, gw] -> [M, gh*gw] float (one row per map)."""
+    if maps.ndim < 2:
+        raise CdamError(f"maps must be token grids [..., gh, gw], got shape {tuple(maps.shape)}")
+    return maps.detach().reshape(-1, maps.shape[-2] * maps.shape[-1]).float()
+
+
+def _negligible_fraction(maps: Tensor, rel: float) -> Tensor:
+    """Per map, the fraction of scores with |s| < rel * max|s|; an all-zero map counts as 1 (nothing stands out)."""
+    a = _flat_maps(maps).abs()  # [M, N]
+    top = a.max(1, keepdim=True).values
+    frac = (a < rel * top).float().mean(1)
+    return torch.where(top[:, 0] > 0, frac, torch.ones_like(frac))
+
+
+def _pearson(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise Pearson correlation of [M, N] maps. Identical maps give 1 (also when constant); a constant map
+    against a different one gives 0 (no linear relation to measure)."""
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    den = (a.square().sum(1) * b.square().sum(1)).sqrt()
+    r = (a * b).sum(1) / den.clamp_min(torch.finfo(a.dtype).tiny)
+    r = torch.where(den > 0, r, torch.zeros_like(r))
+    return torch.where((a == b).all(1), torch.ones_like(r), r).clamp(-1.0, 1.0)
+
+
+def _positive_share(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Share of positive evidence inside the masks, per map, and whether the map has any positive evidence."""
+    pos = _flat_maps(maps).clamp_min(0)  # [M, N]
+    gh, gw = maps.shape[-2:]
+    m = masks.detach().float().reshape(-1, 1, *masks.shape[-2:])  # [M, 1, H, W]
+    if m.shape[0] != pos.shape[0]:
+        raise CdamError(f"masks {tuple(masks.shape)} do not match maps {tuple(maps.shape)}: need one mask per map")
+    if m.shape[-2:] != (gh, gw):
+        if m.shape[-2] % gh or m.shape[-1] % gw:
+            raise CdamError(f"mask size {tuple(m.shape[-2:])} is not a multiple of the token grid {(gh, gw)}")
+        m = F.adaptive_avg_pool2d(m, (gh, gw))  # fraction of each token's pixels inside the object
+    total = pos.sum(1)
+    inside = (pos * m.reshape(m.shape[0], -1)).sum(1)
+    has = total > 0
+    return torch.where(has, inside / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(total)), has
+
+
+def fidelity_from_curves(curves: Tensor) -> Tensor:
+    """Area between the LIF and MIF curves, x from 0 to 1 (trapezoid): [..., 2, S+1] -> [...].
+
+    curves[..., 0, :] is most-important-first, curves[..., 1, :] least-important-first. Higher is better.
+    """
+    gap = curves[..., 1, :] - curves[..., 0, :]  # [..., S+1]
+    steps = gap.shape[-1] - 1
+    return (gap[..., 1:] + gap[..., :-1]).sum(-1) / (2 * steps)
+
+
+def deletion_order(maps: Tensor, seed: int = 0) -> Tensor:
+    """Patch indices from most to least important (highest score first) for each map: [..., gh, gw] -> [..., N].
+
+    Ties (e.g. many exact zeros in a compact map) are broken by a seeded random permutation, not by raster order,
+    so a sparse map is not rewarded or punished for where its zeros happen to lie.
+    """
+    flat = maps.detach().reshape(*maps.shape[:-2], -1).float()
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(flat.shape[-1], generator=g).to(flat.device)
+    ranked = torch.argsort(flat[..., perm], dim=-1, descending=True, stable=True)
+    return perm[ranked]
+
+
+def _gaussian_blur(images: Tensor, sigma: float) -> Tensor:
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    k = 2 * int(torch.ceil(torch.tensor(3.0 * sigma)).item()) + 1
+    return gaussian_blur(images, kernel_size=[k, k], sigma=[sigma, sigma])
+
+
+@torch.no_grad()
+def deletion_curves(
+    backbone: nn.Module,
+    head: nn.Module | None,
+    images: Tensor,
+    targets: Tensor,
+    maps: Tensor,
+    steps: int = 40,
+    mode: str = "token",
+    replace: str = "mean",
+    blur_sigma: float | None = None,
+    seed: int = 0,
+    max_elements: int = DELETION_MAX_ELEMENTS,
+) -> Tensor:
+    """Target logit while deleting patches in map order: -> [B, K, 2, steps+1] (0 = MIF, 1 = LIF).
+
+    At step s the round(s / steps * N) most (MIF) or least (LIF) important patches are deleted; step 0 is the
+    intact image, step `steps` has every patch deleted. mode "token": deleted patch tokens are removed from the
+    sequence after the position embedding (the ViT-native variant, like TAM); mode "pixel": the patch's pixels are
+    replaced by the image's per-channel mean ("mean"), a Gaussian blur of the image ("blur", sigma = blur_sigma,
+    default half a patch) or 0 ("zero", the normalised data mean). images [B, 3, H, W], targets [B, K],
+    maps [B, K, gh, gw] (one map per target). All sequences of a step share one batched forward.
+    """
+    from cdam_pl.explain.cdam import _explaining, _plain
+    from cdam_pl.explain.common import as_targets, check_range, head_or_identity
+    from cdam_pl.explain.tam import sequence_logits
+
+    if mode not in DELETION_MODES:
+        raise CdamError(f"unknown deletion mode {mode!r}; choose one of {', '.join(DELETION_MODES)}")
+    if replace not in REPLACEMENTS:
+        raise CdamError(f"unknown replacement {replace!r}; choose one of {', '.join(REPLACEMENTS)}")
+    if int(steps) < 1:
+        raise CdamError(f"deletion needs steps >= 1, got {steps}")
+    gh, gw = backbone.check_images(images)
+    head = head_or_identity(head)
+    b, n = images.shape[0], gh * gw
+    idx = as_targets(targets, b, images.device)
+    k = idx.shape[1]
+    if tuple(maps.shape) != (b, k, gh, gw):
+        raise CdamError(f"maps must be [B={b}, K={k}, {gh}, {gw}] (one per target), got {tuple(maps.shape)}")
+    order = deletion_order(maps, seed).to(images.device)  # [B, K, N]
+    orders = torch.stack([order, order.flip(-1)], 2)  # [B, K, 2, N]: MIF, LIF
+    counts = [round(s * n / steps) for s in range(int(steps) + 1)]
+    curves = torch.empty(b, k, 2, len(counts), device=images.device)
+    blk = backbone.model.blocks[0]
+    t_all = backbone.num_prefix_tokens + n
+    hidden = max(backbone.embed_dim, getattr(getattr(blk.mlp, "fc1", None), "out_features", 4 * backbone.embed_dim))
+    per_seq = t_all * (hidden + blk.attn.num_heads * t_all)
+    chunk = max(1, int(max_elements) // per_seq)
+    rows = torch.arange(b, device=images.device).repeat_interleave(2 * k)  # sequence -> image
+    tgt = idx.repeat_interleave(2, dim=1).reshape(-1)  # sequence -> target class, [B*K*2]
+
+    with _explaining(backbone, head):
+        images = _plain(images)
+        if mode == "token":
+            tokens = backbone.embed(images)  # [B, T, D]
+            p = backbone.num_prefix_tokens
+        else:
+            pixel = backbone.patch_size
+            if replace == "mean":
+                fill = images.mean((2, 3), keepdim=True).expand_as(images)
+            elif replace == "blur":
+                fill = _gaussian_blur(images, float(blur_sigma) if blur_sigma else pixel / 2)
+            else:
+                fill = torch.zeros_like(images)
+        full = sequence_logits(backbone, head, tokens) if mode == "token" else head(backbone(images))
+        check_range(idx, full.shape[1])
+        for c in sorted(set(counts)):
+            cols = [s for s, cs in enumerate(counts) if cs == c]
+            if c == 0:
+                val = full.gather(1, idx)[:, :, None].expand(b, k, 2)  # intact image
+            elif c == n:  # everything deleted: the same input for every target and order of an image
+                if mode == "token":
+                    empty = sequence_logits(backbone, head, tokens[:, :p])
+                else:
+                    empty = head(backbone(fill.contiguous()))
+                val = empty.gather(1, idx)[:, :, None].expand(b, k, 2)
+            else:
+                removed = orders[..., :c].reshape(b * k * 2, c)  # [S, c]
+                out = torch.empty(b * k * 2, device=images.device)
+                for start in range(0, b * k * 2, chunk):
+                    sl = slice(start, start + chunk)
+                    if mode == "token":
+                        keep = torch.ones(removed[sl].shape[0], n, dtype=torch.bool, device=images.device)
+                        keep.scatter_(1, removed[sl], False)
+                        kept = keep.nonzero()[:, 1].view(keep.shape[0], n - c) + p  # [S', N-c], ascending positions
+                        pos = torch.cat([torch.arange(p, device=images.device).expand(kept.shape[0], p), kept], 1)
+                        logits = sequence_logits(backbone, head, tokens[rows[sl, None], pos])
+                    else:
+                        drop = torch.zeros(removed[sl].shape[0], n, device=images.device)
+                        drop.scatter_(1, removed[sl], 1.0)
+                        drop = drop.view(-1, 1, gh, gw).repeat_interleave(pixel, 2).repeat_interleave(pixel, 3)
+                        x = images[rows[sl]] * (1 - drop) + fill[rows[sl]] * drop  # [S', 3, H, W]
+                        logits = head(backbone(x))
+                    out[sl] = logits.gather(1, tgt[sl, None])[:, 0]
+                val = out.view(b, k, 2)
+            curves[..., cols] = val[..., None].float()
+    return curves
+
+
+class Compactness(Metric):
+    """Mean fraction of near-zero scores per map, |s| < rel * max|s| (higher = more compact; the paper's 0.05)."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, rel: float = 0.05, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 < rel < 1:
+            raise CdamError(f"Compactness rel must be in (0, 1), got {rel}")
+        self.rel = float(rel)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, maps: Tensor) -> None:
+        """maps [..., gh, gw]: every leading index is one map."""
+        frac = _negligible_fraction(maps, self.rel)
+        self.total += frac.sum().double()
+        self.count += frac.numel()
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count).float() if self.count > 0 else torch.tensor(float("nan"))
+
+
+class DeletionFidelity(Metric):
+    """Mean area between the least- and most-important-first deletion curves of the target logit (higher = better).
+
+    update(curves [B, K, 2, steps+1]) takes `deletion_curves(...)` output (token or pixel mode); the mean curves
+    are kept too (`mean_curves()`), for plots.
+    """
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, steps: int = 40, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = int(steps)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("curve_sum", torch.zeros(2, self.steps + 1, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, curves: Tensor) -> None:
+        if curves.ndim < 2 or curves.shape[-2:] != (2, self.steps + 1):
+            raise CdamError(f"curves must be [..., 2, {self.steps + 1}] (MIF, LIF over {self.steps} steps), "
+                            f"got {tuple(curves.shape)}")
+        c = curves.detach().double().reshape(-1, 2, self.steps + 1)
+        self.total += fidelity_from_curves(c).sum()
+        self.count += c.shape[0]
+        self.curve_sum += c.sum(0)
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count).float() if self.count > 0 else torch.tensor(float("nan"))
+
+    def mean_curves(self) -> Tensor:
+        """[2, steps+1]: the mean MIF and LIF curves over everything seen (synced like compute())."""
+        return (self.curve_sum / self.count.clamp_min(1)).float()
+
+
+class ClassSensitivity(Metric):
+    """Mean Pearson correlation between the maps of two targets of the same image, by default index 0 (top-1)
+    and index 1 (top-2). Lower = more class-sensitive; a class-agnostic method scores 1."""
+
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, pair: tuple[int, int] = (0, 1), **kwargs):
+        super().__init__(**kwargs)
+        self.pair = (int(pair[0]), int(pair[1]))
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, maps: Tensor) -> None:
+        """maps [B, K, gh, gw] with K > max(pair)."""
+        if maps.ndim != 4 or maps.shape[1] <= max(self.pair):
+            raise CdamError(f"ClassSensitivity needs maps [B, K>={max(self.pair) + 1}, gh, gw], "
+                            f"got {tuple(maps.shape)}")
+        r = _pearson(_flat_maps(maps[:, self.pair[0]]), _flat_maps(maps[:, self.pair[1]]))
+        self.total += r.sum().double()
+        self.count += r.numel()
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count).float() if self.count > 0 else torch.tensor(float("nan"))
+
+
+class MaskedEvidenceShare(Metric):
+    """Mean share of a map's positive evidence that lies inside its target's object mask (higher = better).
+
+    update(maps [B, K, gh, gw], masks [B, K, H, W]) with H, W multiples of (gh, gw) (pixel masks are pooled to
+    each token's fraction inside the object) or equal to them. Maps without positive evidence have no share and
+    are left out (`skipped` counts them).
+    """
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("skipped", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, maps: Tensor, masks: Tensor) -> None:
+        share, has = _positive_share(maps, masks)
+        self.total += share[has].sum().double()
+        self.count += has.sum()
+        self.skipped += (~has).sum()
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count).float() if self.count > 0 else torch.tensor(float("nan"))
