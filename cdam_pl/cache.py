@@ -282,7 +282,11 @@ class FeatureCache:
         for s, sh in enumerate(header["shards"]):
             rows = min(header["shard_size"], header["n"] - s * header["shard_size"])
             feat, lab, _ = _shard_paths(directory, s)
-            if sh.get("rows") != rows or sh["features"].get("file") != feat.name or sh["labels"].get("file") != lab.name:
+            try:
+                ok = sh["rows"] == rows and sh["features"]["file"] == feat.name and sh["labels"]["file"] == lab.name
+            except (KeyError, TypeError):
+                ok = False
+            if not ok:
                 why = "header entry inconsistent"
             else:
                 why = _check_file(feat, sh["features"], (rows, dim), dtype, verify) or _check_file(

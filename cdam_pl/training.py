@@ -45,7 +45,7 @@ def extraction_device(cfg: DictConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and accel in ("auto", "gpu", "cuda") else "cpu")
 
 
-def feature_loaders(cfg: DictConfig, backbone: FrozenViT, data: ImageDataModule):
+def feature_loaders(cfg: DictConfig, backbone: FrozenViT, data: ImageDataModule, trainer: L.Trainer):
     """Extract (once) and cache train/val features; return (train_loader, val_loader) over the caches."""
     from cdam_pl.cache import FeatureCache, cache_key, default_cache_root
 
@@ -63,7 +63,9 @@ def feature_loaders(cfg: DictConfig, backbone: FrozenViT, data: ImageDataModule)
         key = cache_key(backbone.identity, data.eval_transform_id, ds.ids, {"dtype": cfg.cache.dtype})
         cache = FeatureCache.build(root, key, ds, extract, dim=backbone.embed_dim, batch_size=data.batch_size,
                                    num_workers=data.num_workers, dtype=cfg.cache.dtype)
-        loaders.append(cache.loader(batch_size=data.batch_size, shuffle=shuffle, seed=cfg.seed))
+        # The epoch order follows trainer.current_epoch, so a resumed run replays the same batches.
+        loaders.append(cache.loader(batch_size=data.batch_size, shuffle=shuffle, seed=cfg.seed,
+                                    epoch_seed_fn=lambda: trainer.current_epoch))
     backbone.cpu()
     return loaders
 
@@ -114,10 +116,11 @@ def run_training(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[s
 
     # The frozen backbone is in eval mode on purpose; Lightning's warning about it is noise here.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     t0 = time.perf_counter()
     use_cache = cfg.cache.enabled and not cfg.data.augment
     if use_cache:
-        train_loader, val_loader = feature_loaders(cfg, backbone, data)
+        train_loader, val_loader = feature_loaders(cfg, backbone, data, trainer)
     else:
         train_loader, val_loader = data.train_dataloader(), data.val_dataloader()
     t_features = time.perf_counter() - t0

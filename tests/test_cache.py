@@ -176,6 +176,9 @@ def test_damaged_header_is_detected(tmp_path, backbone, data):
     header.write_text(json.dumps(h))
     with pytest.warns(UserWarning, match="format version 99"):
         assert FeatureCache.load(tmp_path, key_for()) is None
+    header.write_text(json.dumps({**h, "version": 1, "shards": [{"rows": 5}] * 4 + [{"rows": 3}]}))
+    with pytest.warns(UserWarning, match="shard 0: header entry inconsistent"):
+        assert FeatureCache.load(tmp_path, key_for()) is None
     header.write_text("{not json")
     with pytest.warns(UserWarning, match="header.json unreadable"):
         assert FeatureCache.load(tmp_path, key_for()) is None

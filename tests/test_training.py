@@ -129,3 +129,30 @@ def test_train_py_user_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "unknown backbone 'vit_smal_patch16_224'; did you mean vit_small_patch16_224" in lines[0]
+
+
+def test_cached_training_reuses_features_and_is_reproducible(tmp_path, monkeypatch):
+    from cdam_pl import cache as cache_mod
+
+    calls = []
+    real_build = cache_mod.FeatureCache.build.__func__
+
+    def counting_build(cls, *a, **kw):
+        extract = kw.pop("extract", None) if "extract" in kw else None
+        args = list(a)
+        fn = extract or args.pop(3)
+
+        def counted(x):
+            calls.append(len(x))
+            return fn(x)
+
+        return real_build(cls, *args[:3], counted, *args[3:], **kw)
+
+    monkeypatch.setattr(cache_mod.FeatureCache, "build", classmethod(counting_build))
+    r1 = _train(tmp_path, "cache.enabled=true", "trainer.max_epochs=2")
+    assert sum(calls) == 1797  # first run: every digits image through the backbone exactly once
+    calls.clear()
+    r2 = _train(tmp_path, "cache.enabled=true", "trainer.max_epochs=2")
+    assert r1["cached"] and r2["cached"] and calls == []  # second run: no backbone pass at all
+    for a, b in zip(r1["module"].head.parameters(), r2["module"].head.parameters()):
+        assert torch.equal(a, b)
