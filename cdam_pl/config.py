@@ -43,6 +43,7 @@ class HeadConfig:
     hidden: List[int] = field(default_factory=list)
     dropout: float = 0.0
     activation: str = "gelu"
+    batchnorm: bool = False  # standardise features with BatchNorm1d(affine=False) before the head
 
 
 @dataclass

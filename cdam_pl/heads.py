@@ -18,8 +18,14 @@ def build_head(
     hidden: Sequence[int] = (),
     dropout: float = 0.0,
     activation: str = "gelu",
+    batchnorm: bool = False,
 ) -> nn.Sequential:
-    """A linear head, or an MLP with `hidden` layer sizes; dropout before every Linear."""
+    """A linear head, or an MLP with `hidden` layer sizes; dropout before every Linear.
+
+    batchnorm prepends BatchNorm1d(affine=False), the standard linear-probe trick (as in MAE's linear probing):
+    it standardises the frozen features, which speeds up and improves training; in eval mode it is a fixed
+    affine map, so a linear head stays linear in the features.
+    """
     if kind not in HEAD_KINDS:
         raise ConfigError(f"head.kind must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
     if activation not in ACTIVATIONS:
@@ -29,7 +35,7 @@ def build_head(
     hidden = list(hidden or []) if kind == "mlp" else []
     if kind == "mlp" and not hidden:
         raise ConfigError("head.kind=mlp needs head.hidden, e.g. head.hidden=[512]")
-    layers: list[nn.Module] = []
+    layers: list[nn.Module] = [nn.BatchNorm1d(in_dim, affine=False, eps=1e-6)] if batchnorm else []
     dims = [in_dim, *[int(h) for h in hidden]]
     for a, b in zip(dims[:-1], dims[1:]):
         layers += [nn.Dropout(dropout), nn.Linear(a, b), ACTIVATIONS[activation]()]

@@ -132,23 +132,16 @@ def test_train_py_user_error_is_one_line(tmp_path):
 
 
 def test_cached_training_reuses_features_and_is_reproducible(tmp_path, monkeypatch):
-    from cdam_pl import cache as cache_mod
+    from cdam_pl.backbone import FrozenViT
 
     calls = []
-    real_build = cache_mod.FeatureCache.build.__func__
+    real_forward = FrozenViT.forward
 
-    def counting_build(cls, *a, **kw):
-        extract = kw.pop("extract", None) if "extract" in kw else None
-        args = list(a)
-        fn = extract or args.pop(3)
+    def counting_forward(self, images):
+        calls.append(len(images))
+        return real_forward(self, images)
 
-        def counted(x):
-            calls.append(len(x))
-            return fn(x)
-
-        return real_build(cls, *args[:3], counted, *args[3:], **kw)
-
-    monkeypatch.setattr(cache_mod.FeatureCache, "build", classmethod(counting_build))
+    monkeypatch.setattr(FrozenViT, "forward", counting_forward)
     r1 = _train(tmp_path, "cache.enabled=true", "trainer.max_epochs=2")
     assert sum(calls) == 1797  # first run: every digits image through the backbone exactly once
     calls.clear()
