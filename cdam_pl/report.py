@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cdam_pl.errors import ConfigError, DataError
+from cdam_pl.errors import CdamError, ConfigError, DataError
 
 MANIFEST_FORMAT = "cdam-pl-explain/1"
 TUNABLE = ("n_samples", "noise", "n_steps")  # parameters the command line sets for every method that takes them
@@ -971,7 +971,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="explain.py", description=DESCRIPTION, epilog=epilog,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .ckpt written by train.py (read with weights_only=True)")
-    p.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("inputs", metavar="INPUT", nargs="*", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--serve", action="store_true",
+                   help="instead of writing files, start the local web demo on 127.0.0.1 (see cdam_pl.app)")
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="port of the web demo (with --serve)")
     p.add_argument("--targets", default="top3", metavar="SPEC",
                    help="what to explain: topN (the N highest logits, e.g. top3, the default), pred (the predicted "
                         "class), or class names separated by commas (case-insensitive), e.g. cat,dog")
@@ -1024,6 +1027,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         args = build_parser().parse_args(argv)
+        if args.serve:
+            from cdam_pl.app import serve
+
+            return serve(args.checkpoint, args.port, weights=args.weights, device=args.device or "cpu")
+        if not args.inputs:
+            raise CdamError("no INPUT given: name image files, folders or globs (or use --serve for the web demo)")
         summary = explain_to_dir(
             args.checkpoint, args.inputs, args.out, targets=args.targets, methods=args.methods,
             concepts=args.concept, similarity=args.similarity, img_size=args.img_size, keep_aspect=args.keep_aspect,

@@ -486,3 +486,12 @@ def test_subprocess_exit_status_and_one_line_stderr(tiny_checkpoint, tmp_path):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("error: unknown class 'Nine'; valid classes: 0, 1, 2")
     assert proc.stdout == ""
+
+
+def test_serve_and_missing_inputs_are_wired(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    code, _, err = run([tiny_checkpoint], capsys)
+    assert code == 2 and "no INPUT given" in err and len(err.strip().splitlines()) == 1
+    calls = []
+    monkeypatch.setattr("cdam_pl.app.serve", lambda ckpt, port, **kw: calls.append((ckpt, port, kw)) or 0)
+    code, _, _ = run([tiny_checkpoint, "--serve", "--port", "8123"], capsys)
+    assert code == 0 and calls == [(tiny_checkpoint, 8123, {"weights": None, "device": "cpu"})]
