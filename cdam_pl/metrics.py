@@ -6,6 +6,8 @@ properties". Maps are token grids [..., gh, gw] as every method in `cdam_pl.expl
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -98,7 +100,6 @@ def _gaussian_blur(images: Tensor, sigma: float) -> Tensor:
     return gaussian_blur(images, kernel_size=[k, k], sigma=[sigma, sigma])
 
 
-@torch.no_grad()
 def deletion_curves(
     backbone: nn.Module,
     head: nn.Module | None,
@@ -150,7 +151,7 @@ def deletion_curves(
     rows = torch.arange(b, device=images.device).repeat_interleave(2 * k)  # sequence -> image
     tgt = idx.repeat_interleave(2, dim=1).reshape(-1)  # sequence -> target class, [B*K*2]
 
-    with _explaining(backbone, head):
+    with _explaining(backbone, head), torch.no_grad():
         images = _plain(images)
         if mode == "token":
             tokens = backbone.embed(images)  # [B, T, D]
@@ -307,3 +308,128 @@ class MaskedEvidenceShare(Metric):
 
     def compute(self) -> Tensor:
         return (self.total / self.count).float() if self.count > 0 else torch.tensor(float("nan"))
+
+
+# =====================================================================================================================
+# Plain functions for the training callback (issue 4, `cdam_pl.callbacks`): one batch of tracked images, tensors in,
+# tensors out. They share the definitions above (_negligible_fraction, _pearson, deletion_order), so the callback's
+# per-epoch scalars and the benchmark's Metrics measure the same thing.
+# =====================================================================================================================
+
+
+def compactness(maps: Tensor, rel: float = 0.05) -> Tensor:
+    """Fraction of scores with |s| < rel * max|s| per map: [B, K, gh, gw] -> [B, K] (any [..., gh, gw] -> [...]).
+
+    Higher = more compact (sparser evidence); an all-zero map counts as 1.
+    """
+    if not 0 < rel < 1:
+        raise CdamError(f"compactness rel must be in (0, 1), got {rel}")
+    return _negligible_fraction(maps, rel).view(maps.shape[:-2])
+
+
+def map_correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation over tokens of paired maps: [B, gh, gw] x [B, gh, gw] -> [B] (any [..., gh, gw]).
+
+    Class sensitivity: the maps of two classes of one image should differ (lower = more class-sensitive).
+    Identical maps give 1, a constant map against a different one 0.
+    """
+    if a.shape != b.shape or a.ndim < 2:
+        raise CdamError(f"map_correlation needs two maps of one shape [..., gh, gw], got {tuple(a.shape)} "
+                        f"and {tuple(b.shape)}")
+    return _pearson(_flat_maps(a), _flat_maps(b)).view(a.shape[:-2])
+
+
+def num_deleted(num_tokens: int, fraction: float = 0.1) -> int:
+    """Patch tokens a deletion `fraction` removes: round(fraction * N), at least 1 and at most N - 1."""
+    if not 0 < fraction < 1:
+        raise CdamError(f"deletion fraction must be in (0, 1), got {fraction}")
+    if num_tokens < 2:
+        raise CdamError(f"token deletion needs at least 2 patch tokens, got {num_tokens}")
+    return min(num_tokens - 1, max(1, round(fraction * num_tokens)))
+
+
+def random_tokens(batch: int, num_tokens: int, n: int, repeats: int = 1, generator: torch.Generator | None = None,
+                  device: torch.device | str | None = None) -> Tensor:
+    """`repeats` sets of n distinct random patch indices per image: -> [B, repeats, n] (each set ascending).
+
+    Drawn from `generator` (a CPU generator seeded 0 when None), never from the global RNG.
+    """
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    keys = torch.rand(batch, repeats, num_tokens, generator=g, device=g.device)
+    return keys.argsort(-1)[..., :n].sort(-1).values.to(device)
+
+
+def embed_without_tokens(backbone: nn.Module, images: Tensor, remove: Tensor,
+                         max_elements: int = DELETION_MAX_ELEMENTS) -> Tensor:
+    """Embeddings (CLS after the final norm) with patch tokens removed after the position embedding:
+    images [B, 3, H, W], remove [B, R, n] patch indices -> [B, R, D].
+
+    Each image is embedded once; each of its R removal sets gives one shorter sequence (prefix tokens kept, the
+    kept tokens in their original order) through every block. Head-independent, so a caller may keep the result
+    while the head trains. Sequences run in chunks bounded by `max_elements` activations.
+    """
+    from cdam_pl.explain.cdam import _explaining, _plain
+
+    gh, gw = backbone.check_images(images)
+    num_patches, p = gh * gw, backbone.num_prefix_tokens
+    if remove.ndim != 3 or remove.shape[0] != images.shape[0]:
+        raise CdamError(f"remove must be [B={images.shape[0]}, R, n] patch indices, got {tuple(remove.shape)}")
+    b, r, n = remove.shape
+    if not 0 < n < num_patches or remove.min() < 0 or remove.max() >= num_patches:
+        raise CdamError(f"remove must hold 1..{num_patches - 1} patch indices in 0..{num_patches - 1} per set")
+    blk = backbone.model.blocks[0]
+    t = p + num_patches - n
+    hidden = max(backbone.embed_dim, getattr(getattr(blk.mlp, "fc1", None), "out_features", 4 * backbone.embed_dim))
+    chunk = max(1, int(max_elements) // (t * (hidden + blk.attn.num_heads * t)))
+    with _explaining(backbone), torch.no_grad():
+        images = _plain(images)
+        tokens = backbone.embed(images)  # [B, P+N, D]
+        keep = torch.ones(b * r, num_patches, dtype=torch.bool, device=images.device)
+        keep.scatter_(1, remove.reshape(b * r, n).to(images.device), False)
+        if (keep.sum(1) != num_patches - n).any():
+            raise CdamError("each set of removed tokens must hold distinct patch indices")
+        kept = keep.nonzero()[:, 1].view(b * r, num_patches - n) + p  # ascending token positions
+        pos = torch.cat([torch.arange(p, device=images.device).expand(b * r, p), kept], 1)  # [B*R, T']
+        rows = torch.arange(b, device=images.device).repeat_interleave(r)  # sequence -> image
+        out = [backbone.pool(backbone.run_blocks(tokens[rows[s:s + chunk, None], pos[s:s + chunk]]))
+               for s in range(0, b * r, chunk)]  # each [c, D]
+    return torch.cat(out).view(b, r, -1)
+
+
+def deletion_drop(backbone: nn.Module, head: nn.Module, images: Tensor, maps: Tensor, targets: Tensor,
+                  fraction: float = 0.1, n_random: int = 1, generator: torch.Generator | None = None,
+                  seed: int = 0, *, logits: Tensor | None = None,
+                  embed: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Token-deletion faithfulness: how much the target logit drops when the `fraction` highest-scoring patch tokens
+    are removed, and when as many random tokens are (mean over `n_random` sets from `generator`).
+
+    images [B, 3, H, W]; maps [B, gh, gw] (one map per image, for its target); targets [B] class indices.
+    -> (drop_top [B], drop_random [B]); faithfulness = drop_top - drop_random (higher = the map found evidence the
+    head uses). Ties in the ranking are broken by `deletion_order`'s seeded permutation (`seed`). All removals of
+    the batch share one batched forward; head and backbone run in eval mode (modes restored).
+    logits [B, C]: the intact images' logits when already known (skips that forward). embed: replaces
+    `embed_without_tokens` (same signature), e.g. by a cache: the removed-token embeddings do not depend on the head.
+    """
+    from cdam_pl.explain.cdam import _explaining, _plain
+
+    gh, gw = backbone.check_images(images)
+    b = images.shape[0]
+    if tuple(maps.shape) != (b, gh, gw):
+        raise CdamError(f"maps must be [B={b}, {gh}, {gw}] (one per image), got {tuple(maps.shape)}")
+    t = targets.reshape(-1).to(device=images.device, dtype=torch.long)
+    if t.shape[0] != b:
+        raise CdamError(f"targets must be [B={b}] class indices, got {tuple(targets.shape)}")
+    n = num_deleted(gh * gw, fraction)
+    top = deletion_order(maps, seed)[:, None, :n].to(images.device)  # [B, 1, n]
+    rand = random_tokens(b, gh * gw, n, int(n_random), generator, images.device)  # [B, R, n]
+    with _explaining(backbone, head), torch.no_grad():
+        images = _plain(images)
+        full = head(backbone(images)) if logits is None else logits.to(images.device)  # [B, C]
+        if t.min() < 0 or t.max() >= full.shape[1]:
+            raise CdamError(f"target class index out of range: the head has {full.shape[1]} classes")
+        emb = (embed or embed_without_tokens)(backbone, images, torch.cat([top, rand], 1))  # [B, 1+R, D]
+        deleted = head(emb.flatten(0, 1)).view(b, emb.shape[1], -1)  # heads take [N, D] (e.g. BatchNorm1d)
+    f_full = full.gather(1, t[:, None])  # [B, 1]
+    f_del = deleted.gather(2, t[:, None, None].expand(-1, deleted.shape[1], 1))[..., 0]  # [B, 1+R]
+    drops = f_full - f_del
+    return drops[:, 0], drops[:, 1:].mean(1)
