@@ -24,6 +24,11 @@ def main(argv=None) -> int:
 
         cfg = load_config(args.config, args.overrides)
         result = run_training(cfg)
+        stopped = result["stopped"]
+        if stopped:  # SIGTERM / Ctrl-C: last.ckpt is saved; one line, exit status 128 + signal number
+            if result["trainer"].is_global_zero:
+                print(stopped["message"], file=sys.stderr)
+            return stopped["exit_code"]
         if result["trainer"].is_global_zero:
             m = result["metrics"]
             print(f"\nval accuracy {m.get('val/acc', float('nan')):.4f}  "

@@ -11,7 +11,10 @@ Layout of a cache directory `<root>/<key[:16]>/`::
 Shard `s` covers samples `[s * shard_size, (s + 1) * shard_size)`. Every file is written atomically (temp file in
 the same directory, then `os.replace`), so a killed build leaves only whole shards and resumes from them. Ranks of
 a distributed build each extract the shards with `s % world_size == rank` and meet through the file system (no
-collective calls, so no NCCL timeout however long extraction takes).
+collective calls, so no NCCL timeout however long extraction takes). `build` is three steps that other drivers
+reuse (`cdam_pl.extract` runs the middle one as Lightning prediction): `prepare_build` (this rank's unfinished
+shards), one `ShardBuffer` per shard (filled batch by batch, then written), `finish_build` (wait for all shards,
+write the header, open the cache).
 
 Reading never loads the features into memory: each shard is opened with `np.load(mmap_mode="r")` and batches are
 gathered from the page cache, so an ImageNet-sized cache (1.28M x 768 float16, ~2 GB) trains in constant RAM.
@@ -32,6 +35,7 @@ import os
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -45,15 +49,19 @@ __all__ = [
     "FORMAT_VERSION",
     "VERIFY_LIMIT",
     "BatchedFeatureDataset",
+    "BuildPlan",
     "CacheIncomplete",
     "FeatureCache",
     "FeatureLoader",
+    "ShardBuffer",
     "cache_key",
     "default_cache_root",
 ]
 
 FORMAT_VERSION = 1
 VERIFY_LIMIT = 50_000_000  # feature elements (N * D) below which `load` verifies checksums by default
+# float16 is the half-size option. bfloat16 is not offered: numpy has no such dtype, and it keeps 3 fewer mantissa
+# bits than float16 for a range that normalised ViT features (|x| far below float16's 65504) never need.
 DTYPES = ("float32", "float16")
 HEADER = "header.json"
 
@@ -326,50 +334,89 @@ class FeatureCache:
         kept, so an interrupted or damaged build resumes. With `world_size > 1` this rank extracts shards
         `s % world_size == rank`, then polls every `poll` s, up to `wait` s, for the others' shards; the rank that
         sees all shards writes `header.json`. `wait=0` raises `CacheIncomplete` at once when shards are missing.
+        (`cdam_pl.extract.extract_features` does the same with Lightning prediction on every device.)
+        """
+        if batch_size <= 0:
+            raise ConfigError(f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}")
+        plan = cls.prepare_build(root, key, len(dataset), dim=dim, dtype=dtype, shard_size=shard_size, rank=rank,
+                                 world_size=world_size, verify=verify)
+        if plan.cache is not None:
+            return plan.cache
+        if plan.todo:
+            cls._extract(plan, dataset, extract, batch_size, num_workers, progress and rank == 0)
+        return cls.finish_build(plan, wait=wait, poll=poll)
+
+    @classmethod
+    def prepare_build(
+        cls,
+        root: str | os.PathLike,
+        key: str,
+        n: int,
+        *,
+        dim: int,
+        dtype: str = "float32",
+        shard_size: int = 4096,
+        rank: int = 0,
+        world_size: int = 1,
+        verify: bool | None = None,
+    ) -> "BuildPlan":
+        """What rank `rank` must extract for a cache of `n` samples: first step of `build`.
+
+        Returns a plan whose `cache` is the finished cache when it already exists with this N, D, dtype and shard
+        size; otherwise `todo` lists this rank's shards (`s % world_size == rank`) that are missing or damaged,
+        after removing the header (the cache is being changed) and temp files a killed run left for them.
+        Fill each with `plan.buffer(s)`, then call `finish_build(plan)`.
         """
         dt = _check_dtype(dtype)
-        if not isinstance(dim, int) or dim <= 0:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise ConfigError(f"feature cache dim must be a positive int, got {dim!r}")
-        if shard_size <= 0 or batch_size <= 0:
-            raise ConfigError(f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}")
+        if shard_size <= 0:
+            raise ConfigError(f"shard_size and batch_size must be positive, got {shard_size}")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")
-        n = len(dataset)
         if n == 0:
             raise DataError("cannot build a feature cache from an empty dataset")
         directory = _cache_dir(root, key)
         if verify is None:
             verify = n * dim < VERIFY_LIMIT
+        config = {"version": FORMAT_VERSION, "key": key, "n": n, "dim": dim, "dtype": dt.name, "shard_size": shard_size}
+        plan = BuildPlan(Path(root).expanduser(), directory, config, rank, world_size, todo=[])
 
         cache = cls.load(root, key, verify=verify)
         if cache is not None:
             if (len(cache), cache.dim, cache.dtype, cache.shard_size) == (n, dim, dt, shard_size):
-                return cache
+                plan.cache = cache
+                return plan
             warnings.warn(
                 f"feature cache {directory} holds N={len(cache)}, D={cache.dim}, {cache.dtype}, "
                 f"shard_size={cache.shard_size} but N={n}, D={dim}, {dt}, shard_size={shard_size} was asked for; "
                 "rebuilding (put everything that changes the features in the key)",
-                stacklevel=2,
+                stacklevel=3,
             )
         directory.mkdir(parents=True, exist_ok=True)
-        config = {"version": FORMAT_VERSION, "key": key, "n": n, "dim": dim, "dtype": dt.name, "shard_size": shard_size}
-        num_shards = math.ceil(n / shard_size)
-        mine = [s for s in range(rank, num_shards, world_size)]
-        todo = [s for s in mine if cls._shard_entry(directory, s, config, verify) is None]
-        if todo:
-            done = len(mine) - len(todo)
+        mine = [s for s in range(rank, plan.num_shards, world_size)]
+        plan.todo = [s for s in mine if cls._shard_entry(directory, s, config, verify) is None]
+        if plan.todo:
+            done = len(mine) - len(plan.todo)
             if done:
                 log.info("feature cache %s: resuming, %d of %d shards of rank %d done", directory, done, len(mine), rank)
             try:
                 (directory / HEADER).unlink()
             except FileNotFoundError:
                 pass
-            cls._clean_temp(directory, todo)
-            cls._extract(directory, dataset, extract, todo, config, batch_size, num_workers, progress and rank == 0)
+            cls._clean_temp(directory, plan.todo)
+        return plan
 
+    @classmethod
+    def finish_build(cls, plan: "BuildPlan", wait: float = 24 * 3600.0, poll: float = 2.0) -> "FeatureCache":
+        """Last step of `build`: wait up to `wait` s (polling every `poll` s) until every shard of the plan's cache
+        exists, write `header.json` if it is not already there, and open the cache."""
+        if plan.cache is not None:
+            return plan.cache
+        directory, config, key = plan.directory, plan.config, plan.config["key"]
         deadline = time.monotonic() + max(0.0, wait)
         while True:
-            entries = [cls._shard_entry(directory, s, config, verify=False) for s in range(num_shards)]
+            entries = [cls._shard_entry(directory, s, config, verify=False) for s in range(plan.num_shards)]
             missing = [s for s, e in enumerate(entries) if e is None]
             if not missing:
                 break
@@ -384,9 +431,10 @@ class FeatureCache:
         header = {**config, "shards": entries}
         if cls._read_header(directory, key)[0] != header:
             _atomic_write(directory / HEADER, json.dumps(header, sort_keys=True, indent=1).encode())
-        cache = cls.load(root, key, verify=False)
+        cache = cls.load(plan.root, key, verify=False)
         if cache is None:  # a concurrent writer damaged it between our checks and now
             raise DataError(f"feature cache {directory} changed while it was being finalised; run again")
+        plan.cache = cache
         return cache
 
     @staticmethod
@@ -419,47 +467,25 @@ class FeatureCache:
                 p.unlink(missing_ok=True)
 
     @staticmethod
-    def _extract(directory, dataset, extract, shards, config, batch_size, num_workers, progress) -> None:
+    def _extract(plan: "BuildPlan", dataset, extract, batch_size, num_workers, progress) -> None:
         from tqdm.auto import tqdm
 
-        n, shard_size, dim = config["n"], config["shard_size"], config["dim"]
-        dtype = np.dtype(config["dtype"])
-        ranges = [(s * shard_size, min(n, (s + 1) * shard_size)) for s in shards]
-        indices = [i for a, b in ranges for i in range(a, b)]
-        # Batches of positions into Subset(indices), cut so that no batch crosses a shard boundary.
-        batches, pos = [], 0
-        for a, b in ranges:
-            batches += [list(range(pos + i, pos + min(i + batch_size, b - a))) for i in range(0, b - a, batch_size)]
-            pos += b - a
-        loader = DataLoader(Subset(dataset, indices), batch_sampler=batches, num_workers=num_workers)
-        bar = tqdm(total=len(indices), desc=f"extracting features -> {directory.name}", unit="img", disable=not progress)
+        loader = DataLoader(dataset, batch_sampler=plan.batches(batch_size), num_workers=num_workers)
+        total = sum(b - a for a, b in map(plan.shard_range, plan.todo))
+        bar = tqdm(total=total, desc=f"extracting features -> {plan.directory.name}", unit="img", disable=not progress)
         it = iter(loader)
         try:
-            for s, (a, b) in zip(shards, ranges):
-                feats = np.empty((b - a, dim), dtype)
-                labels = np.empty(b - a, np.int64)
-                filled = 0
-                while filled < b - a:
+            for s in plan.todo:
+                buf = plan.buffer(s)
+                while not buf.full:
                     batch = next(it)
                     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
                         raise DataError("feature cache: dataset items must be (image, label, ...) tuples")
-                    images, y = batch[0], torch.as_tensor(batch[1])
                     with torch.no_grad():
-                        out = extract(images)
-                    k = len(y)
-                    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (k, dim):
-                        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                        raise DataError(f"feature cache: extract returned {got} for {k} images, expected ({k}, {dim})")
-                    if y.is_floating_point() or y.is_complex() or y.ndim != 1:
-                        raise DataError(f"feature cache: labels must be integer scalars, got {y.dtype} {tuple(y.shape)}")
-                    x = out.detach().float().cpu().numpy().astype(dtype, copy=False)
-                    if not np.isfinite(x).all():
-                        raise DataError(f"feature cache: non-finite features in shard {s} (overflow in {dtype.name}?)")
-                    feats[filled : filled + k] = x
-                    labels[filled : filled + k] = y.numpy()
-                    filled += k
-                    bar.update(k)
-                _write_shard(directory, s, feats, labels, config)
+                        out = extract(batch[0])
+                    buf.add(out, batch[1])
+                    bar.update(len(out))
+                buf.write()
         finally:
             bar.close()
             del it
@@ -586,6 +612,80 @@ def _write_shard(directory: Path, s: int, feats: np.ndarray, labels: np.ndarray,
     _atomic_write(marker, json.dumps({**config, "index": s, **entry}, sort_keys=True).encode())
 
 
+class ShardBuffer:
+    """One shard's rows, filled batch by batch in sample order, then written with `write()` (see `_write_shard`)."""
+
+    def __init__(self, directory: Path, s: int, config: dict):
+        self.directory, self.index, self.config = directory, s, config
+        rows = min(config["shard_size"], config["n"] - s * config["shard_size"])
+        self.features = np.empty((rows, config["dim"]), np.dtype(config["dtype"]))  # [rows, D]
+        self.labels = np.empty(rows, np.int64)  # [rows]
+        self.filled = 0
+
+    @property
+    def full(self) -> bool:
+        return self.filled == len(self.labels)
+
+    def add(self, out: torch.Tensor, labels) -> None:
+        """Append the next batch: features `out` [k, D] (any float dtype/device) and integer labels [k]."""
+        y = torch.as_tensor(labels)
+        k, dim, dtype = len(y), self.config["dim"], self.features.dtype
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (k, dim):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise DataError(f"feature cache: extract returned {got} for {k} images, expected ({k}, {dim})")
+        if y.is_floating_point() or y.is_complex() or y.ndim != 1:
+            raise DataError(f"feature cache: labels must be integer scalars, got {y.dtype} {tuple(y.shape)}")
+        if self.filled + k > len(self.labels):
+            raise DataError(f"feature cache: batch of {k} overflows shard {self.index} "
+                            f"({self.filled} of {len(self.labels)} rows filled)")
+        x = out.detach().float().cpu().numpy().astype(dtype, copy=False)
+        if not np.isfinite(x).all():
+            row = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+            first = self.index * self.config["shard_size"] + self.filled + row  # dataset index of the first bad row
+            overflow = bool(torch.isfinite(out[row]).all())  # finite before the cast: float16 storage overflowed
+            fix = "use cache.dtype=float32" if overflow else "check backbone.weights (the backbone gives NaN/Inf)"
+            raise DataError(f"feature cache: non-finite (NaN/Inf) features for sample {first} (shard {self.index}); "
+                            f"{fix}")
+        self.features[self.filled : self.filled + k] = x
+        self.labels[self.filled : self.filled + k] = y.cpu().numpy()
+        self.filled += k
+
+    def write(self) -> None:
+        if not self.full:
+            raise DataError(f"feature cache: shard {self.index} has {self.filled} of {len(self.labels)} rows")
+        _write_shard(self.directory, self.index, self.features, self.labels, self.config)
+
+
+@dataclass
+class BuildPlan:
+    """One rank's share of a cache build (from `FeatureCache.prepare_build`; finished by `finish_build`)."""
+
+    root: Path
+    directory: Path
+    config: dict  # version, key, n, dim, dtype, shard_size: what every shard marker and the header record
+    rank: int
+    world_size: int
+    todo: list[int]  # this rank's shards still to extract, ascending
+    cache: FeatureCache | None = None  # the finished cache, once there is one
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.config["n"] / self.config["shard_size"])
+
+    def shard_range(self, s: int) -> tuple[int, int]:
+        """Sample indices `[a, b)` of shard `s`."""
+        size = self.config["shard_size"]
+        return s * size, min(self.config["n"], (s + 1) * size)
+
+    def batches(self, batch_size: int) -> list[list[int]]:
+        """Dataset indices of the `todo` shards in order, cut into batches that never cross a shard boundary."""
+        return [list(range(i, min(i + batch_size, b))) for a, b in map(self.shard_range, self.todo)
+                for i in range(a, b, batch_size)]
+
+    def buffer(self, s: int) -> ShardBuffer:
+        return ShardBuffer(self.directory, s, self.config)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # batched loading
 # --------------------------------------------------------------------------------------------------------------
@@ -605,6 +705,7 @@ class BatchedFeatureDataset(IterableDataset):
         self.cache, self.batch_size, self.shuffle, self.seed, self.drop_last = cache, batch_size, shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.start = 0  # batches of this epoch to skip (a resumed epoch; see FeatureLoader.load_state_dict)
 
     def _rank_world(self) -> tuple[int, int]:
         rank, world = _dist_rank_world()
@@ -636,7 +737,7 @@ class BatchedFeatureDataset(IterableDataset):
         return [np.sort(order[b * bs : (b + 1) * bs]) for b in ids]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = self.batch_indices()
+        batches = self.batch_indices()[self.start :]
         info = get_worker_info()
         if info is not None:  # each worker yields its share; DataLoader interleaves them back in order
             batches = batches[info.id :: info.num_workers]
@@ -646,7 +747,11 @@ class BatchedFeatureDataset(IterableDataset):
 
 
 class FeatureLoader(DataLoader):
-    """`DataLoader(BatchedFeatureDataset, batch_size=None)` that sets the dataset's epoch on every `iter()`."""
+    """`DataLoader(BatchedFeatureDataset, batch_size=None)` that sets the dataset's epoch on every `iter()`.
+
+    Stateful for Lightning (`state_dict` / `load_state_dict`): a run resumed from a mid-epoch checkpoint continues
+    with the batch after the last one trained on, so it sees exactly the batches an uninterrupted run would.
+    """
 
     def __init__(self, dataset: BatchedFeatureDataset, epoch_seed_fn: Callable[[], int] | None = None,
                  num_workers: int = 0, **kwargs):
@@ -656,15 +761,43 @@ class FeatureLoader(DataLoader):
         super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
         self.epoch_seed_fn = epoch_seed_fn
         self._next_epoch = 0
+        self._consumed = 0  # batches of the current epoch handed out so far (skipped ones included)
+        self._resume: tuple[int, int] | None = None  # (epoch, batches) from load_state_dict, used by the next iter()
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next `iter()` epoch `epoch` (the counter continues from there)."""
         self._next_epoch = int(epoch)
 
+    # Lightning saves these with every checkpoint and, when it resumes mid-epoch, loads them before the first
+    # iter(): the resumed epoch then starts at the first batch not yet trained on instead of replaying the epoch.
+    def state_dict(self) -> dict[str, int]:
+        """`{"epoch", "batches"}`: the current epoch and how many of its batches this loader has handed out."""
+        return {"epoch": int(self.dataset.epoch), "batches": int(self._consumed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next `iter()` skip the first `state["batches"]` batches, if it is epoch `state["epoch"]`."""
+        try:
+            epoch, batches = int(state["epoch"]), int(state["batches"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"feature loader state {state!r} is not {{'epoch': int, 'batches': int}}") from None
+        self._resume = (epoch, max(0, batches))
+
     def __iter__(self):
+        return self._epoch()
+
+    def _epoch(self):
+        """One epoch's batches. The epoch (and the batches to skip) are fixed when the first batch is asked for,
+        not at `iter()`: Lightning calls `iter()` before it restores a checkpoint's loop progress."""
         if self.epoch_seed_fn is not None:
             epoch = int(self.epoch_seed_fn())
         else:
             epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
-        self.dataset.epoch = epoch
-        return super().__iter__()
+        skip = 0
+        if self._resume is not None:
+            (resume_epoch, batches), self._resume = self._resume, None
+            skip = batches if resume_epoch == epoch else 0
+        self.dataset.epoch, self.dataset.start = epoch, skip
+        self._consumed = skip
+        for batch in DataLoader.__iter__(self):
+            self._consumed += 1
+            yield batch

@@ -5,10 +5,14 @@ names it, before anything heavy starts. `trainer.*` is passed to Lightning's Tra
 """
 from __future__ import annotations
 
+import difflib
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -97,25 +101,52 @@ def _one_line(e: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split("\n")[0].split())
+    return text or type(e).__name__
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Schema defaults <- YAML file <- `key=value` overrides; validated, in struct mode."""
+    """Schema defaults <- YAML file <- `key=value` overrides; validated, in struct mode.
+
+    Raises `ConfigError` (one line naming the key or file) for anything wrong, never another exception type.
+    Interpolations (`${...}`) are resolved here, so a broken one fails now rather than mid-training.
+    """
     cfg = OmegaConf.structured(Config)
     try:
         if path is not None:
             p = Path(path)
             if not p.is_file():
                 raise ConfigError(f"config file {str(path)!r} not found; see configs/ for examples")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
-        bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+            try:
+                loaded = OmegaConf.load(p)
+            except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+                raise ConfigError(f"config file {p} is not readable YAML ({_first_line(e)}); fix the file") from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"config file {p} must hold a mapping of keys (e.g. 'data: {{...}}'), "
+                                  f"not a {type(loaded).__name__}")
+            cfg = OmegaConf.merge(cfg, loaded)
+        bad = [o for o in overrides if not isinstance(o, str) or "=" not in o or o.startswith("=")]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. trainer.max_epochs=5)")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        try:
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override value is not valid YAML ({_first_line(e)}); quote it or fix the brackets "
+                              "(e.g. backbone.img_size=[224,224])") from None
+        cfg = OmegaConf.merge(cfg, dotlist)
+        OmegaConf.resolve(cfg)
+        OmegaConf.set_struct(cfg, True)
+        validate(cfg)
     except OmegaConfBaseException as e:
         if type(e).__name__ == "ConfigKeyError":
             raise ConfigError(f"unknown config key: {_one_line(e)}; see configs/demo.yaml for the valid keys") from None
         raise ConfigError(f"invalid config value: {_one_line(e)}") from None
-    OmegaConf.set_struct(cfg, True)
-    validate(cfg)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # omegaconf raises these for some impossible merges (e.g. trainer=[1])
+        raise ConfigError(f"invalid config: {_first_line(e)}; see configs/demo.yaml for the expected "
+                          "structure") from None
     return cfg
 
 
@@ -135,14 +166,105 @@ def validate(cfg: DictConfig) -> None:
     positive = {"data.batch_size": cfg.data.batch_size, "optim.lr": cfg.optim.lr,
                 "explain.every_n_epochs": cfg.explain.every_n_epochs, "explain.top_k": cfg.explain.top_k}
     for key, value in positive.items():
-        if value <= 0:
+        if not value > 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
+    ranges = {  # key: (value, low, high): finite and low <= value < high (NaN and Inf would train silently)
+        "optim.lr": (cfg.optim.lr, 0.0, math.inf),
+        "optim.weight_decay": (cfg.optim.weight_decay, 0.0, math.inf),
+        "optim.momentum": (cfg.optim.momentum, 0.0, 1.0),
+        "optim.warmup_epochs": (cfg.optim.warmup_epochs, 0.0, math.inf),
+        "optim.label_smoothing": (cfg.optim.label_smoothing, 0.0, 1.0),
+        "head.dropout": (cfg.head.dropout, 0.0, 1.0),
+    }
+    for key, (value, low, high) in ranges.items():
+        if not (math.isfinite(value) and low <= value < high):
+            raise ConfigError(f"{key} must be a finite number in [{low:g}, {high:g}), got {value}")
+    if any(h <= 0 for h in cfg.head.hidden):
+        raise ConfigError(f"head.hidden must be positive layer widths, got {list(cfg.head.hidden)}")
+    counts = {"data.train_size": (cfg.data.train_size, 1), "data.val_size": (cfg.data.val_size, 1),
+              "data.num_workers": (cfg.data.num_workers, 0), "explain.num_images": (cfg.explain.num_images, 1),
+              "explain.max_class_mean_images": (cfg.explain.max_class_mean_images, 1)}
+    for key, (value, low) in counts.items():
+        if value is not None and value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
+    check_trainer_options(cfg.trainer)
     if not 0.0 < cfg.data.val_split < 1.0:
         raise ConfigError(f"data.val_split must be in (0, 1), got {cfg.data.val_split}")
     size = cfg.backbone.img_size
     ok = isinstance(size, int) or (OmegaConf.is_list(size) and len(size) == 2 and all(isinstance(s, int) for s in size))
     if not ok or min([size] if isinstance(size, int) else list(size)) <= 0:
         raise ConfigError(f"backbone.img_size must be a positive int or [H, W], got {size!r}")
+
+
+# Trainer arguments that run_training sets itself.
+_TRAINER_OWNED = ("logger", "callbacks", "plugins")
+
+
+def check_trainer_options(trainer: Any) -> None:
+    """Each `trainer.*` key must be a `lightning.Trainer` argument whose type annotation admits the value."""
+    import lightning as L
+
+    options = OmegaConf.to_container(trainer, resolve=True) if OmegaConf.is_config(trainer) else trainer
+    if not isinstance(options, dict):
+        raise ConfigError(f"trainer must be a mapping of Trainer arguments, got {type(options).__name__}")
+    hints = typing.get_type_hints(L.Trainer.__init__)
+    hints.pop("return", None)
+    for key, value in options.items():
+        if key in _TRAINER_OWNED:
+            raise ConfigError(f"trainer.{key} is set by cdam-pl itself; remove it from the config")
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f" (did you mean trainer.{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown trainer option trainer.{key}{hint}; see the arguments of lightning.Trainer")
+        if not _fits(value, hints[key]):
+            raise ConfigError(f"trainer.{key}={value!r} has the wrong type: expected {_describe(hints[key])}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a plain config value (None, bool, int, float, str, list, dict) matches a type annotation."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin in (list, tuple, Sequence, typing.Sequence) or str(origin) == "<class 'collections.abc.Iterable'>":
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict:
+        return isinstance(value, dict) and (not args or all(_fits(v, args[1]) for v in value.values()))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (str, Path):
+        return isinstance(value, str)
+    return False  # objects (an Accelerator, a timedelta, ...) cannot come from a config file
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return "null"
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        parts = [_describe(a) for a in args if _representable(a)]
+        return " or ".join(dict.fromkeys(parts))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))} of {', '.join(_describe(a) for a in args)}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _representable(hint: Any) -> bool:
+    """Whether some config value could match `hint` (leaves out Accelerator, timedelta, ... from messages)."""
+    if typing.get_origin(hint) is typing.Literal:
+        return True
+    return _fits(None, hint) or any(_fits(v, hint) for v in (True, 1, 1.0, "x", [], {}))
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -41,6 +41,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "load_image",
     "check_image",
+    "path_text",
     "list_images",
     "parse_img_size",
     "build_transform",
@@ -98,8 +99,17 @@ def _reason(exc: BaseException) -> str:
     return f"{name}: {msg}" if msg else name
 
 
+def path_text(path: str | os.PathLike[str]) -> str:
+    """`path` as printable UTF-8 text: bytes of a file name that are not UTF-8 are shown as `\\xNN`.
+
+    Python keeps such bytes as lone surrogates (os.fsdecode), which JSON, HTML, fonts and strict UTF-8 streams
+    refuse; use this wherever a path is written or drawn.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _read_error(path: Path | str, reason: str, hint: str = _FIX_HINT) -> DataError:
-    return DataError(_one_line(f"cannot read image {path}: {reason}; {hint}"))
+    return DataError(_one_line(f"cannot read image {path_text(path)}: {reason}; {hint}"))
 
 
 def _file_problem(path: Path) -> tuple[str, str] | None:
@@ -444,6 +454,10 @@ class ImageFolderDataset(ImageDataset):
                 f"no class subfolders in {self.root}; expected one subfolder per class, "
                 "e.g. root/cat/*.jpg, root/dog/*.jpg"
             )
+        for d in subdirs:  # class names end up in checkpoints, logs and pictures: they must be text
+            if path_text(d) != d:
+                raise DataError(f"class folder name {path_text(d)!r} in {path_text(self.root)} is not valid UTF-8; "
+                                "rename the folder (class names are stored in checkpoints and drawn in pictures)")
         if classes is None:
             self.classes = list(subdirs)
         else:
@@ -582,12 +596,14 @@ def validate_images(dataset: ImageDataset, num_threads: int | None = None) -> li
     if not paths:
         return []
     workers = num_threads or min(8, os.cpu_count() or 1)
-    if workers > 1 and len(paths) > 32:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            reasons = list(pool.map(check_image, paths, chunksize=16))
-    else:
-        reasons = [check_image(p) for p in paths]
-    return [(i, str(paths[i]), r) for i, r in enumerate(reasons) if r is not None]
+    with warnings.catch_warnings():  # PIL's bomb warning would be a second, multi-line message for a skipped file
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if workers > 1 and len(paths) > 32:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                reasons = list(pool.map(check_image, paths, chunksize=16))
+        else:
+            reasons = [check_image(p) for p in paths]
+    return [(i, path_text(paths[i]), r) for i, r in enumerate(reasons) if r is not None]
 
 
 # --------------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def deletion_curves(
                 fill = _gaussian_blur(images, float(blur_sigma) if blur_sigma else pixel / 2)
             else:
                 fill = torch.zeros_like(images)
-        full = sequence_logits(backbone, head, tokens) if mode == "token" else head(backbone(images))
+        full = sequence_logits(backbone, head, tokens if mode == "token" else backbone.embed(images))
         check_range(idx, full.shape[1])
         for c in sorted(set(counts)):
             cols = [s for s, cs in enumerate(counts) if cs == c]
@@ -174,7 +174,7 @@ def deletion_curves(
                 if mode == "token":
                     empty = sequence_logits(backbone, head, tokens[:, :p])
                 else:
-                    empty = head(backbone(fill.contiguous()))
+                    empty = sequence_logits(backbone, head, backbone.embed(fill.contiguous()))
                 val = empty.gather(1, idx)[:, :, None].expand(b, k, 2)
             else:
                 removed = orders[..., :c].reshape(b * k * 2, c)  # [S, c]
@@ -192,7 +192,7 @@ def deletion_curves(
                         drop.scatter_(1, removed[sl], 1.0)
                         drop = drop.view(-1, 1, gh, gw).repeat_interleave(pixel, 2).repeat_interleave(pixel, 3)
                         x = images[rows[sl]] * (1 - drop) + fill[rows[sl]] * drop  # [S', 3, H, W]
-                        logits = head(backbone(x))
+                        logits = sequence_logits(backbone, head, backbone.embed(x))
                     out[sl] = logits.gather(1, tgt[sl, None])[:, 0]
                 val = out.view(b, k, 2)
             curves[..., cols] = val[..., None].float()

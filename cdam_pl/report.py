@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cdam_pl.data import path_text
 from cdam_pl.errors import CdamError, ConfigError, DataError
 
 MANIFEST_FORMAT = "cdam-pl-explain/1"
@@ -294,11 +295,15 @@ def check_img_size(size: Sequence[int], patch: int) -> tuple[int, int]:
 
 def _displayed_size(path: Path) -> tuple[int, int]:
     """(H, W) of an image as shown (EXIF orientation applied), from its header only."""
+    import warnings
+
     from PIL import Image
 
-    with Image.open(path) as im:
-        w, h = im.size
-        orientation = im.getexif().get(0x0112, 1)
+    with warnings.catch_warnings():  # a decompression bomb raises here (and is skipped) instead of printing a warning
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
@@ -410,14 +415,14 @@ def build_concepts(folders: dict[str, Path], backbone, sizer: _Sizer, load: _Loa
                 size = sizer.fixed or sizer.default
             x, _, err = load(p, size)
             if err:
-                warn(f"skipped concept example {p}: {err}")
-                skipped.append({"path": str(p), "reason": err})
+                warn(f"skipped concept example {path_text(p)}: {err}")
+                skipped.append({"path": path_text(p), "reason": err})
             else:
                 tensors.append(x.to(device))
         if not tensors:
             raise DataError(f"--concept {name}: none of the {len(paths)} images in {folder} could be read")
         examples[name] = tensors
-        info.append({"name": name, "folder": str(folder), "images": len(tensors), "skipped": skipped})
+        info.append({"name": name, "folder": path_text(folder), "images": len(tensors), "skipped": skipped})
     names, vectors = concept_vectors(backbone, examples, batch_size=batch_size)
     return names, vectors, info
 
@@ -566,10 +571,11 @@ class _Results:
         if self.panels is not None:
             rel = f"panels/{i:0{self.width}d}_{_safe_stem(it.path)}.png"
             picture = _to_display(image, self.dc)  # what the model saw, [H, W, 3] uint8
-            self.panels.submit(picture, rows, f"{it.path.name}: predicted {classes[pred]} (p {probs[pred]:.2f})",
+            self.panels.submit(picture, rows, f"{path_text(it.path.name)}: predicted {classes[pred]} "
+                                              f"(p {probs[pred]:.2f})",
                                self.out / rel)
         self.records.append({
-            "index": i, "path": str(it.path), "name": it.path.name, "panel": rel,
+            "index": i, "path": path_text(it.path), "name": path_text(it.path.name), "panel": rel,
             "original_size": list(orig), "input_size": list(it.size), "grid": list(self.grid_size(*it.size)),
             "prediction": {"class": classes[pred], "index": pred, "logit": float(logits[pred]),
                            "probability": float(probs[pred])},
@@ -736,7 +742,7 @@ def _plan(paths: list[Path], sizer: _Sizer, load: _Loader, warn) -> tuple[list[_
                 items.append(_Item(i, p, sizer.fixed or sizer.default))
                 continue
             warn(f"skipped: {err}")
-            skipped.append({"index": i, "path": str(p), "reason": err})
+            skipped.append({"index": i, "path": path_text(p), "reason": err})
     return items, skipped
 
 
@@ -819,7 +825,7 @@ def explain_to_dir(
                         good.append((it, x, orig))
                         continue
                     warn(f"skipped: {err}")
-                    skipped.append({"index": it.index, "path": str(it.path), "reason": err})
+                    skipped.append({"index": it.index, "path": path_text(it.path), "reason": err})
                     bar.update(1)
                 if good:
                     x = torch.stack([g[1] for g in good]).to(dev)  # [B, 3, H, W]
@@ -842,7 +848,7 @@ def explain_to_dir(
     manifest = {
         "format": MANIFEST_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": _sha256_file(Path(checkpoint)),
+        "checkpoint": {"path": path_text(Path(checkpoint).resolve()), "sha256": _sha256_file(Path(checkpoint)),
                        "classes": list(classes), "head": model.meta.get("head")},
         "backbone": {**backbone.identity, "patch_size": patch, "num_prefix_tokens": backbone.num_prefix_tokens,
                      "embed_dim": backbone.embed_dim, "num_heads": backbone.num_heads, "data_config": dc},

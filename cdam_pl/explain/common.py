@@ -32,6 +32,9 @@ def as_targets(targets: TargetsLike, batch: int, device: torch.device | str) -> 
         idx = idx.expand(batch, -1)
     if idx.shape[1] == 0:
         raise CdamError("targets is empty; give at least one class index per image")
+    if idx.is_inference():  # made under inference_mode: autograd (gather in a graph) could not use it
+        with torch.inference_mode(False):
+            idx = idx.clone()
     return idx
 
 

@@ -116,6 +116,7 @@ def input_x_gradient(backbone: FrozenViT, head: nn.Module | None, images: Tensor
     with _explaining(backbone, head_or_identity(head)):
         images = _plain(images)
         model, idx = _prepare(backbone, head, images, targets)
+        images = images.detach().requires_grad_()  # a new leaf: captum would otherwise warn and set it
         ixg = attr.InputXGradient(model)
         maps = [pool_to_grid(ixg.attribute(images, target=idx[:, k]).detach(), backbone.patch_size)
                 for k in range(idx.shape[1])]

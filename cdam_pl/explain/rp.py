@@ -7,8 +7,8 @@ For a target logit f and every block l with attention probabilities A_l [B, head
 and the map is R[CLS, patch tokens] (the P prefix tokens, CLS plus registers, are dropped). Unsigned (>= 0).
 
 timm's fused attention never materialises A, so `recording_attention` swaps every block's attention forward for
-the textbook one (qkv -> softmax(q k^T * scale) -> probs @ v -> proj) with the probabilities as autograd leaves;
-the swap is undone on exit, also after an error. All K targets share one forward; one backward per target.
+the textbook one (qkv -> softmax(q k^T * scale) -> probs @ v -> proj) that records the probabilities; the swap is
+undone on exit, also after an error. All K targets share one forward; one backward per target.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from cdam_pl.explain.common import TargetsLike, as_targets, check_range, head_or
 
 
 def _manual_forward(attn: nn.Module, store: list[Tensor]):
-    """timm Attention.forward written out, with A = softmax(q k^T * scale) kept (as a leaf) in `store`."""
+    """timm Attention.forward written out, with A = softmax(q k^T * scale) kept in `store` (not detached: df/dA_l
+    must include the paths through the later blocks' attention, as with Chefer's gradient hooks)."""
 
     def forward(x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False, **_: object) -> Tensor:
         if attn_mask is not None or is_causal:
@@ -34,8 +35,7 @@ def _manual_forward(attn: nn.Module, store: list[Tensor]):
         qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, h, T, dh] each
         q, k = attn.q_norm(q), attn.k_norm(k)
-        # A as a leaf: df/dA is the gradient arriving at A from everything downstream, as in Chefer's hooks.
-        probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).detach().requires_grad_()  # [B, h, T, T]
+        probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, h, T, T]
         store.append(probs)
         out = (attn.attn_drop(probs) @ v).transpose(1, 2).reshape(b, n, attn.attn_dim)  # [B, T, A]
         return attn.proj_drop(attn.proj(attn.norm(out)))
@@ -46,7 +46,8 @@ def _manual_forward(attn: nn.Module, store: list[Tensor]):
 @contextmanager
 def recording_attention(backbone: FrozenViT) -> Iterator[list[Tensor]]:
     """Inside the block, every forward of the backbone appends each block's attention probabilities
-    [B, heads, T, T] (requires_grad leaves, in block order) to the yielded list. Always restored on exit."""
+    [B, heads, T, T] (in block order) to the yielded list; they are in the autograd graph when the input requires
+    grad. The original forwards are always restored on exit."""
     from timm.layers import Attention
 
     attns = [blk.attn for blk in backbone.model.blocks]
@@ -86,7 +87,8 @@ def relevance_propagation(
     head = head_or_identity(head)
     idx = as_targets(targets, images.shape[0], images.device)
     with _explaining(backbone, head), recording_attention(backbone) as probs:
-        logits = head(backbone(_plain(images)))  # [B, C]
+        x = _plain(images).detach().requires_grad_()  # puts A in the graph; autograd.grad stops at A
+        logits = head(backbone(x))  # [B, C]
         check_range(idx, logits.shape[1])
         out = logits.gather(1, idx)  # [B, K]
         maps = []
