@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import signal
+import functools
 import time
 import warnings
 from contextlib import contextmanager
@@ -75,9 +76,10 @@ def feature_loaders(cfg: DictConfig, backbone: FrozenViT, data: ImageDataModule,
         cache = extract_features(root, key, ds, backbone, batch_size=data.batch_size, num_workers=data.num_workers,
                                  dtype=cfg.cache.dtype, trainer_kwargs=predict_opts,
                                  progress=bool(opts.get("enable_progress_bar", True)))
-        # The epoch order follows trainer.current_epoch, so a resumed run replays the same batches.
+        # The epoch order follows trainer.current_epoch, so a resumed run replays the same batches (a partial, not
+        # a lambda: ddp_spawn pickles the loaders, together with the trainer they read).
         loaders.append(cache.loader(batch_size=data.batch_size, shuffle=shuffle, seed=cfg.seed,
-                                    epoch_seed_fn=lambda: trainer.current_epoch))
+                                    epoch_seed_fn=functools.partial(getattr, trainer, "current_epoch")))
     backbone.cpu()
     return loaders
 
