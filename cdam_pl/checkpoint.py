@@ -34,8 +34,11 @@ class LoadedModel:
         return self
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The raw checkpoint dict, loaded with weights_only=True; clear errors for anything else."""
+def read_checkpoint(path: str | Path, require_cdam: bool = True) -> dict[str, Any]:
+    """The raw checkpoint dict, loaded with weights_only=True; clear errors for anything else.
+
+    require_cdam=False also accepts plain tensor files (Lightning's own temporary weights under ddp_spawn).
+    """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found")
@@ -50,7 +53,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # torch raises many types for bytes that are not a checkpoint at all
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{p} is not a readable checkpoint ({first})") from None
-    if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
+    if require_cdam and (not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt):
         raise CheckpointError(f"{p} is not a cdam-pl checkpoint (no '{CHECKPOINT_KEY}' section); train one with train.py")
     return ckpt
 

@@ -54,7 +54,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        """Resuming reads tensors and plain containers only, never arbitrary pickles."""
+        """Resuming reads tensors and plain containers only, never arbitrary pickles. Lightning also loads its own
+        temporary weights file through here (ddp_spawn), so a plain state dict is accepted too."""
         from cdam_pl.checkpoint import read_checkpoint
 
-        return read_checkpoint(path)
+        return read_checkpoint(path, require_cdam=False)

@@ -5,9 +5,9 @@ explanation callback. Returns where the logs and checkpoints went and the final 
 """
 from __future__ import annotations
 
+import functools
 import re
 import signal
-import functools
 import time
 import warnings
 from contextlib import contextmanager
