@@ -198,3 +198,11 @@ def test_errors_are_clear():
         cdam.class_maps(images, [0], variant="fancy")
     with pytest.raises(CdamError, match="concept vectors must be"):
         cdam.concept_maps(images, torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_targets_created_under_inference_mode_are_accepted():
+    bb, head, images = setup("p16")
+    with torch.inference_mode():
+        targets = head(bb(images)).topk(2).indices  # an inference tensor, as in Lightning's validation step
+    got = CDAM(bb, head).class_maps(images, targets)
+    assert torch.allclose(got, CDAM(bb, head).class_maps(images, targets.clone()), rtol=1e-12, atol=0)

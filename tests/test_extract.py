@@ -179,8 +179,9 @@ if __name__ == "__main__":
     result = run_training(tiny_config({out!r}, "cache.enabled=true", "trainer.strategy=ddp", "trainer.devices=2",
                                       "trainer.accelerator=cpu", "trainer.max_epochs=1"))
     trainer = result["trainer"]
-    print("RESULT " + json.dumps({{"rank": trainer.global_rank, "world": trainer.world_size,
-                                  "metrics": result["metrics"]}}), flush=True)
+    # one file per rank: both ranks share stdout, where lines can interleave
+    with open({out!r} + f"/result_{{trainer.global_rank}}.json", "w") as f:
+        json.dump({{"rank": trainer.global_rank, "world": trainer.world_size, "metrics": result["metrics"]}}, f)
 """
 
 
@@ -194,7 +195,7 @@ def test_ddp_training_script_extracts_in_both_ranks_and_trains(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env,
                           cwd=tmp_path)  # a deadlock would hit the timeout
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("result_*.json"))]
     assert sorted((r["rank"], r["world"]) for r in results) == [(0, 2), (1, 2)]
     assert results[0]["metrics"] == results[1]["metrics"] and results[0]["metrics"]["val/acc"] > 0
 

@@ -220,7 +220,7 @@ class CDAM:
         if idx.numel() and (idx.min() < 0 or idx.max() >= c):
             bad = idx[(idx < 0) | (idx >= c)][0].item()
             raise CdamError(f"target class index {bad} is out of range: the head has {c} classes (0..{c - 1})")
-        return idx
+        return _plain(idx)  # targets built under inference_mode (e.g. topk in a validation step) stay usable
 
     def _maps(self, z, proj, idx, vectors, similarity, variant, n_samples, noise, n_steps, generator) -> Tensor:
         """Token scores [B, K+M, P+N] (prefix tokens dropped later), averaged over samples for smooth/integrated."""
