@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -44,11 +43,6 @@ def build_datamodule(cfg: DictConfig, backbone: FrozenViT) -> ImageDataModule:
         augment=d.augment, img_size=backbone.img_size, mean=dc["mean"], std=dc["std"],
         interpolation=dc["interpolation"], seed=cfg.seed,
     )
-
-
-def extraction_device(cfg: DictConfig) -> torch.device:
-    accel = str(cfg.trainer.get("accelerator", "auto"))
-    return torch.device("cuda" if torch.cuda.is_available() and accel in ("auto", "gpu", "cuda") else "cpu")
 
 
 def feature_loaders(cfg: DictConfig, backbone: FrozenViT, data: ImageDataModule, trainer: L.Trainer):
