@@ -21,7 +21,8 @@ def main(out: str) -> None:
             seen[y] = i
     for y, i in seen.items():
         val.load_image(i).save(out_dir / f"fmnist_{i}_{val.classes[y].replace('/', '-')}.png")
-    a, b = val.load_image(seen[0]), val.load_image(seen[min(k for k in seen if k != 0)])
+    first, second = list(seen.values())[:2]  # two items of different classes
+    a, b = val.load_image(first), val.load_image(second)
     canvas = Image.new("RGB", (56, 28))
     canvas.paste(a, (0, 0))
     canvas.paste(b, (28, 0))
