@@ -11,7 +11,7 @@ start=$(date +%s)
 python train.py --config configs/demo.yaml "$@"
 ckpt=$(ls -t runs/demo/version_*/checkpoints/last.ckpt | head -n 1)
 python scripts/demo_images.py demo_out/images
-python explain.py "$ckpt" demo_out/images --targets top3 --methods cdam,smooth,attention \
+python explain.py "$ckpt" demo_out/images --targets top3 --methods cdam,smooth,attention --keep-aspect \
   --concept trousers=demo_out/concept_trouser --out demo_out/explain
 echo "demo finished in $(( $(date +%s) - start )) s after setup: open demo_out/explain/index.html;"
 echo "training curves and maps: .venv/bin/tensorboard --logdir runs/demo"
