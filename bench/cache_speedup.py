@@ -14,7 +14,6 @@ so: speed does not depend on the weights' values.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import lightning as L
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.cached_training import EpochTimer  # noqa: E402
-from bench.common import Row, machine, print_rows  # noqa: E402
+from bench.common import Row, main as bench_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_FULL, N_QUICK = 2000, 512
@@ -95,10 +94,4 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    rows = run(args.quick, args.device)
-    print(machine())
-    print_rows(rows)
+    bench_main(run, __doc__)

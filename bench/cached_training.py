@@ -14,7 +14,6 @@ GPU (the cache loader with 4 worker processes), so the baseline is still "the sa
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Row, machine, print_rows  # noqa: E402
+from bench.common import Row, main as bench_main  # noqa: E402
 from cdam_pl.cache import FeatureCache, cache_key  # noqa: E402
 
 DIM, CLASSES, BATCH = 384, 1000, 4096
@@ -147,10 +146,4 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    rows = run(args.quick, args.device)
-    print(machine())
-    print_rows(rows)
+    bench_main(run, __doc__)

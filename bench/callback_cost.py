@@ -19,7 +19,6 @@ Rows:
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Row, machine, print_rows  # noqa: E402
+from bench.common import Row, main as bench_main  # noqa: E402
 from cdam_pl.backbone import load_backbone  # noqa: E402
 from cdam_pl.callbacks import ExplanationCallback  # noqa: E402
 from cdam_pl.explain import CDAM  # noqa: E402
@@ -149,12 +148,4 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    rows = run(args.quick, args.device)
-    print("python bench/callback_cost.py" + (" --quick" if args.quick else "")
-          + ("" if args.device == "cpu" else f" --device {args.device}"))
-    print(machine())
-    print_rows(rows)
+    bench_main(run, __doc__)

@@ -61,3 +61,16 @@ def print_rows(rows: list[Row]) -> None:
     print(HEADER)
     for r in rows:
         print(r.markdown())
+
+
+def main(run: Callable[..., list[Row]], doc: str | None) -> None:
+    """The command line every bench module shares: `--quick`, `--device`, then the machine and the table."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    rows = run(args.quick, args.device)
+    print(machine())
+    print_rows(rows)

@@ -8,7 +8,6 @@ sequence without that token (what a plain loop does). Goal: the batched TAM is a
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Row, machine, print_rows, timeit  # noqa: E402
+from bench.common import Row, timeit, main as bench_main  # noqa: E402
 from cdam_pl.backbone import load_backbone  # noqa: E402
 from cdam_pl.explain.tam import naive_token_ablation_map, token_ablation_map  # noqa: E402
 
@@ -42,10 +41,4 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    rows = run(args.quick, args.device)
-    print(machine())
-    print_rows(rows)
+    bench_main(run, __doc__)
