@@ -8,7 +8,8 @@ then every other requested method -> per image a PNG panel and its rows in maps.
 Methods are a registry: name -> `Method`, whose function takes `(cdam, images [B,3,H,W], targets [B,K], **params)`
 (or the `(backbone, head, images, targets, **params)` convention of the comparison methods) and returns maps
 [B, R, h, w] with R = K (one per target), K + M (targets, then concepts) for methods that accept `concepts=`,
-or 1 for class-agnostic methods. New methods plug in without touching this file: a module in `cdam_pl/explain/`
+or 1 for class-agnostic methods. The comparison methods of `cdam_pl.explain.registry` (rp, tam, ig, smoothgrad,
+ixg) are registered from there, so explain.py and the benchmark run the same code. New methods plug in without touching this file: a module in `cdam_pl/explain/`
 that defines `REPORT_METHODS = {"name": fn, ...}` is found at run time (or call `register_method`). Parameters
 named `n_samples`, `noise`, `n_steps` are set from the command line when given, `seed` (int) or `generator`
 (a torch.Generator seeded at the start of every batch) from `--seed`; every keyword default is recorded.
@@ -203,8 +204,26 @@ METHODS.update({
 })
 
 
+# The comparison methods (RP, TAM, captum's IG/SmoothGrad/IxG) come from the one method registry the benchmark uses;
+# its names for the engine's own methods are accepted as aliases of the shortcuts above.
+ALIASES = {"smooth_cdam": "smooth", "integrated_cdam": "integrated", "am": "attention"}
+
+
+def _add_comparison_methods() -> None:
+    from cdam_pl.explain import registry
+
+    for m in registry.METHODS.values():
+        if m.name not in METHODS and m.name not in ALIASES:
+            METHODS[m.name] = Method(m.name, m.fn, class_agnostic=not m.class_specific,
+                                     help=f"{m.label}: {m.description}")
+
+
+_add_comparison_methods()
+
+
 def parse_methods(spec: str | Sequence[str]) -> list[Method]:
     names = [n.strip().lower() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    names = [ALIASES.get(n.replace("-", "_"), n) for n in names]
     if not names:
         raise ConfigError("--methods is empty; give e.g. --methods cdam,attention")
     known = available_methods()
@@ -238,6 +257,11 @@ class TargetSpec:
 def _list_names(names: Sequence[str], limit: int = 100) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names)} classes in all)" if len(names) > limit else "")
+
+
+def default_targets(classes: Sequence[str]) -> str:
+    """What --targets means when not given: the top 3 classes, or all of them for a head with fewer."""
+    return f"top{min(3, len(classes))}"
 
 
 def parse_targets(spec: str, classes: Sequence[str]) -> TargetSpec:
@@ -751,7 +775,7 @@ def explain_to_dir(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike = "explanations",
     *,
-    targets: str = "top3",
+    targets: str | None = None,
     methods: str | Sequence[str] = "cdam",
     concepts: Iterable[str] = (),
     similarity: str = "dot",
@@ -800,7 +824,7 @@ def explain_to_dir(
     try:
         model = load_checkpoint(checkpoint, weights=weights, device=dev)
         backbone, classes = model.backbone, model.classes
-        spec = parse_targets(targets, classes)
+        spec = parse_targets(targets or default_targets(classes), classes)
         patch = backbone.patch_size
         sizer = _Sizer(tuple(backbone.img_size), patch, check_img_size(img_size, patch) if img_size else None,
                        keep_aspect)
@@ -981,8 +1005,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true",
                    help="instead of writing files, start the local web demo on 127.0.0.1 (see cdam_pl.app)")
     p.add_argument("--port", type=int, default=8000, metavar="N", help="port of the web demo (with --serve)")
-    p.add_argument("--targets", default="top3", metavar="SPEC",
-                   help="what to explain: topN (the N highest logits, e.g. top3, the default), pred (the predicted "
+    p.add_argument("--targets", default=None, metavar="SPEC",
+                   help="what to explain: topN (the N highest logits; default top3, or every class of a head with "
+                        "fewer), pred (the predicted "
                         "class), or class names separated by commas (case-insensitive), e.g. cat,dog")
     p.add_argument("--concept", action="append", default=[], metavar="NAME=DIR",
                    help="a concept given by a folder of example images (its vector is their mean embedding); "

@@ -252,6 +252,27 @@ def test_smooth_and_integrated_match_library(tiny_checkpoint, model, tmp_path, c
     assert m["images"][0]["maps"]["smooth"]["params"] == params["smooth"]
 
 
+def test_comparison_methods_come_from_the_registry(tiny_checkpoint, model, tmp_path, capsys):
+    """explain.py runs the benchmark's methods (one registry): same numbers, aliases for the engine's own names."""
+    from cdam_pl.explain import registry
+
+    files = make_images(tmp_path / "imgs")
+    chosen = [files["rgb"], files["gray"]]
+    rc, _, err = run([tiny_checkpoint, *chosen, "--methods", "tam,rp,ixg,am", "--targets", "top2",
+                      "--out", tmp_path / "o"], capsys)
+    assert rc == 0, err
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert [x["name"] for x in m["methods"]] == ["tam", "rp", "ixg", "attention"]  # am is the attention shortcut
+    z = np.load(tmp_path / "o" / "maps.npz")
+    x = inputs(model, [r["path"] for r in m["images"]])
+    top2 = model.head(model.backbone(x)).topk(2, dim=1).indices
+    for name in ("tam", "rp", "ixg"):
+        ref = registry.get(name)(model.backbone, model.head, x, top2)  # [B, 2, gh, gw]
+        for b, r in enumerate(m["images"]):
+            assert list(z[f"{r['index']}/{name}/rows"]) == [f"class:{model.classes[k]}" for k in top2[b].tolist()]
+            close(z[f"{r['index']}/{name}"], ref[b])
+
+
 def test_rerun_ignores_its_own_output_folder(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     files = make_images(tmp_path / "all")
     (tmp_path / "imgs").mkdir()
@@ -304,6 +325,10 @@ def test_parse_targets():
         report.parse_targets("cat,cow", classes)
     with pytest.raises(ConfigError, match="the head has 3 classes; use top1..top3"):
         report.parse_targets("top4", classes)
+    # Without --targets: the top 3, or every class of a smaller head (a binary head must not fail by default).
+    assert report.default_targets(classes + ["x"]) == "top3"
+    assert report.parse_targets(report.default_targets(["no", "yes"]), ["no", "yes"])(logits[:, :2]).tolist() == [
+        [1, 0], [0, 1]]
 
 
 def test_keep_aspect_size():
