@@ -1,6 +1,7 @@
 """Images per second of explain.py: ViT-S/16 at 224 px (random weights, linear head, 10 classes), top-3 CDAM.
 
     python bench/explain_throughput.py [--images 64] [--batch-size 16] [--device cpu] [--methods cdam]
+    python bench/run_all.py --only explain_throughput     # as ratios, into BENCHMARKS.md
 
 Prints three numbers: the model alone (one `CDAM.explain` per batch: what the maps cost), the whole command
 (reading, resizing, explaining, drawing the PNG panels, writing maps.npz, the manifest and the gallery), and the
@@ -54,6 +55,64 @@ def make_images(folder: Path, n: int) -> None:
         Image.fromarray(img[y:y + ch, x:x + cw]).save(folder / f"photo_{i:03d}.jpg", quality=90)
 
 
+def measure(images: int = 64, batch_size: int = 16, device: str = "cpu", methods: str = "cdam",
+            model_name: str = "vit_small_patch16_224.dino", img_size: int = 224) -> dict[str, float]:
+    """Seconds for `images` photos: the maps alone (CDAM.explain on tensors in memory), explain.py with panels,
+    explain.py --no-panels (the command's explain loop: reading, resizing, explaining, drawing, writing)."""
+    import torch
+
+    from cdam_pl.checkpoint import load_checkpoint
+    from cdam_pl.explain import CDAM
+    from cdam_pl.report import explain_to_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_checkpoint(tmp / "bench.ckpt", model_name, img_size)
+        make_images(tmp / "imgs", images)
+
+        model = load_checkpoint(tmp / "bench.ckpt", device=device)
+        cdam = CDAM(model.backbone, model.head)
+        x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+        top3 = lambda logits: logits.topk(3, dim=1).indices  # noqa: E731
+        cdam.explain(x, targets=top3)  # warm-up
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        reps = max(1, images // batch_size)
+        for _ in range(reps):
+            cdam.explain(x, targets=top3)
+        sync()
+        model_s = (time.perf_counter() - t0) * images / (reps * batch_size)
+        runs = {panels: explain_to_dir(tmp / "bench.ckpt", [tmp / "imgs"], tmp / f"out{panels}", panels=panels,
+                                       render_processes=None, methods=methods, batch_size=batch_size,
+                                       device=device, progress=False) for panels in (True, False)}
+        processes = json.loads((tmp / "outTrue" / "manifest.json").read_text())["timing"]["render_processes"]
+    return {"model": model_s, "panels": runs[True].seconds, "no_panels": runs[False].seconds,
+            "processes": processes, "threads": torch.get_num_threads()}
+
+
+def run(quick: bool = False, device: str = "cpu"):
+    """Rows for bench/run_all.py: explain.py's loop against the maps alone, same images, same process."""
+    import torch
+
+    from bench.common import Row
+
+    if device == "cpu":
+        torch.set_num_threads(2)
+    n, batch = (16, 8) if quick else (64, 16)
+    if device != "cpu":
+        n, batch = (256, 64) if quick else (1024, 64)
+    m = measure(n, batch, device)
+    base = f"CDAM.explain alone, top-3, on {n} images in memory ({n / m['model']:.1f} images/s)"
+    what = f"explain.py, ViT-S/16 @224 px, top-3 CDAM, {n} JPEG photos"
+    return [
+        Row("explain_throughput", f"{what}, --no-panels ({n / m['no_panels']:.1f} images/s)", m["no_panels"], base,
+            m["model"], "<= 1.5x (reading and writing cost at most half the maps' time)"),
+        Row("explain_throughput", f"{what}, with PNG panels drawn in {m['processes']} processes "
+            f"({n / m['panels']:.1f} images/s)", m["panels"], base, m["model"]),
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=64)
@@ -63,41 +122,13 @@ def main() -> None:
     p.add_argument("--model", default="vit_small_patch16_224.dino")
     p.add_argument("--img-size", type=int, default=224)
     args = p.parse_args()
-
-    import torch
-
-    from cdam_pl.checkpoint import load_checkpoint
-    from cdam_pl.explain import CDAM
-    from cdam_pl.report import explain_to_dir
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        make_checkpoint(tmp / "bench.ckpt", args.model, args.img_size)
-        make_images(tmp / "imgs", args.images)
-
-        model = load_checkpoint(tmp / "bench.ckpt", device=args.device)
-        cdam = CDAM(model.backbone, model.head)
-        x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=args.device)
-        top3 = lambda logits: logits.topk(3, dim=1).indices  # noqa: E731
-        cdam.explain(x, targets=top3)  # warm-up
-        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        reps = max(1, args.images // args.batch_size)
-        for _ in range(reps):
-            cdam.explain(x, targets=top3)
-        sync()
-        model_rate = reps * args.batch_size / (time.perf_counter() - t0)
-
-        runs = {panels: explain_to_dir(tmp / "bench.ckpt", [tmp / "imgs"], tmp / f"out{panels}", panels=panels,
-                                       render_processes=None, methods=args.methods, batch_size=args.batch_size,
-                                       device=args.device, progress=False) for panels in (True, False)}
-        processes = json.loads((tmp / "outTrue" / "manifest.json").read_text())["timing"]["render_processes"]
-        print(f"{args.model} at {args.img_size} px, {args.device}, {torch.get_num_threads()} threads, "
-              f"batch {args.batch_size}, top-3 {args.methods}, {args.images} photos")
-        print(f"  model only (CDAM.explain):           {model_rate:8.2f} images/s")
-        print(f"  explain.py, panels in {processes} processes: {runs[True].images_per_second:8.2f} images/s")
-        print(f"  explain.py --no-panels:              {runs[False].images_per_second:8.2f} images/s")
+    m = measure(args.images, args.batch_size, args.device, args.methods, args.model, args.img_size)
+    n = args.images
+    print(f"{args.model} at {args.img_size} px, {args.device}, {m['threads']} threads, "
+          f"batch {args.batch_size}, top-3 {args.methods}, {n} photos")
+    print(f"  model only (CDAM.explain):           {n / m['model']:8.2f} images/s")
+    print(f"  explain.py, panels in {m['processes']} processes: {n / m['panels']:8.2f} images/s")
+    print(f"  explain.py --no-panels:              {n / m['no_panels']:8.2f} images/s")
 
 
 if __name__ == "__main__":

@@ -150,13 +150,31 @@ def section(device: str, body: str) -> str:
     return f"<!-- bench:{device} start -->\n{body.rstrip()}\n<!-- bench:{device} end -->\n"
 
 
+def read_sections(path: Path) -> dict[str, str]:
+    """Device -> body of its section in an existing output file."""
+    if not path.is_file():
+        return {}
+    return {m.group(1): m.group(2) for m in re.finditer(
+        r"<!-- bench:(\w+) start -->\n(.*?)<!-- bench:\1 end -->\n?", path.read_text(), re.S)}
+
+
+def partial_update(old: str, names: list[str], note: str, rows: list[str]) -> str:
+    """An `--only` run: the old section with these modules' rows replaced (others kept) and a note appended."""
+    lines = old.rstrip("\n").split("\n")
+    head = [ln for ln in lines if not ln.startswith("|")]
+    while head and head[-1] == "":
+        head.pop()
+    table = [ln for ln in lines if ln.startswith("|") and ln.split("|")[1].strip() not in names]
+    if len(table) < 2:  # no table yet
+        table = HEADER.split("\n")
+    notes = [ln for ln in head if ln.startswith("- ")]
+    intro = [ln for ln in head if not ln.startswith("- ")]
+    return "\n".join(intro + notes + [note, ""] + table + rows) + "\n"
+
+
 def merge(path: Path, device: str, body: str) -> str:
     """The whole file: preamble, then every device's section, this device's replaced by `body`."""
-    sections: dict[str, str] = {}
-    if path.is_file():
-        text = path.read_text()
-        for m in re.finditer(r"<!-- bench:(\w+) start -->\n(.*?)<!-- bench:\1 end -->\n?", text, re.S):
-            sections[m.group(1)] = m.group(2)
+    sections = read_sections(path)
     sections[device] = body
     order = sorted(sections, key=lambda d: (d != "cpu", d))
     return PREAMBLE + "\n" + "\n".join(section(d, sections[d]) for d in order)
@@ -168,7 +186,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to write (its other "
                     "device's section is kept)")
-    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these bench/<NAME>.py modules")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these bench/<NAME>.py modules; their rows "
+                    "replace theirs in --out, the other modules' rows are kept")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per module (default 1800, --quick 600)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -214,15 +233,16 @@ def main() -> int:
     argv = ["python", "bench/run_all.py"] + (["--quick"] if args.quick else []) + (
         ["--device", args.device] if args.device != "cpu" else []) + (["--only", *args.only] if args.only else [])
     title = "CPU" if args.device == "cpu" else f"GPU: {torch.cuda.get_device_name(0)}"
+    when = (f"{datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; "
+            f"wall time {total / 60:.1f} min ({', '.join(f'{n} {w:.0f} s' for n, w in walls.items())}), "
+            f"CPU time {sum(cpus.values()) / 60:.1f} min; load average {load0:.1f} at the start, {load1:.1f} at the "
+            f"end (other processes on the machine slow every figure, baselines alike)")
     lines = [
         f"## {title}{' (quick)' if args.quick else ''}",
         "",
         f"- Machine: {info}",
         f"- Command: `{shlex.join(argv)}`",
-        f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; "
-        f"wall time {total / 60:.1f} min ({', '.join(f'{n} {w:.0f} s' for n, w in walls.items())}), "
-        f"CPU time {sum(cpus.values()) / 60:.1f} min; load average {load0:.1f} at the start, {load1:.1f} at the end "
-        f"(other processes on the machine slow every figure, baselines alike)",
+        f"- Date: {when}",
         "",
         HEADER,
         *(table_line(r) for r in all_rows),
@@ -231,6 +251,11 @@ def main() -> int:
         lines += ["", *(f"- **{n} failed**: {e}" for n, e in failures)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    previous = read_sections(out).get(args.device)
+    if args.only and previous and not failures:  # keep the other modules' rows of the last full run
+        body = partial_update(previous, names, f"- Rerun of {', '.join(names)}: `{shlex.join(argv)}`, {when}",
+                              [table_line(r) for r in all_rows])
+        lines = body.rstrip("\n").split("\n")
     from cdam_pl.io import atomic_write_text
 
     atomic_write_text(out, merge(out, args.device, "\n".join(lines) + "\n"))

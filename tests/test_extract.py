@@ -247,3 +247,19 @@ def test_runner_rewrites_only_its_own_device_section(tmp_path):
     text = out.read_text()
     assert "cpu table v2" in text and "cpu table v1" not in text and "| gpu table |" in text
     assert text.count("<!-- bench:cpu start -->") == 1 and text.count("<!-- bench:cuda start -->") == 1
+
+
+def test_runner_only_replaces_its_modules_rows():
+    from bench.run_all import HEADER, partial_update
+
+    old = "\n".join(["## CPU", "", "- Machine: m", "- Date: d1", "", HEADER,
+                     "| cdam_speed | CDAM, 1 target | 1 s | fwd | 1 s | 1.00x | | |",
+                     "| tam_speed | TAM old | 2 s | loop | 4 s | 0.50x | | |"]) + "\n"
+    new = partial_update(old, ["tam_speed", "explain_throughput"], "- Rerun of tam_speed: d2",
+                         ["| tam_speed | TAM new | 1 s | loop | 4 s | 0.25x | | |",
+                          "| explain_throughput | explain.py | 2 s | maps | 1 s | 2.00x | | |"])
+    lines = new.split("\n")
+    assert lines[:5] == ["## CPU", "", "- Machine: m", "- Date: d1", "- Rerun of tam_speed: d2"]
+    assert "TAM old" not in new and new.count(HEADER) == 1
+    rows = [ln.split("|")[2].strip() for ln in lines if ln.startswith("| ") and "---" not in ln][1:]
+    assert rows == ["CDAM, 1 target", "TAM new", "explain.py"]  # kept rows first, then the rerun's
