@@ -15,8 +15,9 @@ from cdam_pl.backbone import FrozenViT
 from cdam_pl.explain.cdam import _explaining, _LastBlock, _plain
 from cdam_pl.explain.common import TargetsLike, as_targets, check_range, head_or_identity
 
-# Upper bound on float elements of one chunk's largest activations (~128 MiB in float32).
-DEFAULT_MAX_ELEMENTS = 2**25
+# Upper bound on float elements of one chunk's largest activations (~32 MiB in float32): a chunk's MLP activations
+# stay near the CPU caches; 4x larger chunks measured ~8% slower on 2 cores and no faster on 1 image.
+DEFAULT_MAX_ELEMENTS = 2**23
 
 
 def sequence_logits(backbone: FrozenViT, head: nn.Module, tokens: Tensor) -> Tensor:
