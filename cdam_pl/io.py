@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
@@ -59,3 +62,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         from cdam_pl.checkpoint import read_checkpoint
 
         return read_checkpoint(path, require_cdam=False)
+
+
+def atomic_write_path(path: str | os.PathLike, write_to: Callable[[str], None]) -> Path:
+    """For writers that take a file name: `write_to(temp_name)` beside `path`, fsync, then rename onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_to(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+class AtomicTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoard logger with hparams.yaml written atomically (a run killed while it is written leaves
+    none, never a truncated one). The event files need no such care: they are append-only records, and TensorBoard
+    reads them up to the last complete one, so a kill loses at most the record in flight."""
+
+    @rank_zero_only
+    def save(self) -> None:
+        from lightning.pytorch.core.saving import save_hparams_to_yaml
+
+        self.experiment.flush()
+        run_dir = Path(self.log_dir)
+        target = run_dir / self.NAME_HPARAMS_FILE
+        if not isinstance(self._fs, LocalFileSystem):  # remote storage: Lightning's own writer
+            return super().save()
+        if run_dir.is_dir() and not target.is_file():
+            atomic_write_path(target, lambda tmp: save_hparams_to_yaml(tmp, self.hparams))

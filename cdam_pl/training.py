@@ -16,7 +16,6 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,7 +23,7 @@ from cdam_pl.backbone import FrozenViT, load_backbone
 from cdam_pl.config import to_container
 from cdam_pl.data import ImageDataModule
 from cdam_pl.errors import CdamError, ConfigError
-from cdam_pl.io import AtomicCheckpointIO, atomic_write_text
+from cdam_pl.io import AtomicCheckpointIO, AtomicTensorBoardLogger, atomic_write_text
 from cdam_pl.module import CHECKPOINT_KEY, HeadClassifier
 from cdam_pl.signals import FiniteLossGuard, GracefulStop, RestoreLoaderState, TrainingStopped, stop_now_on_signal
 
@@ -135,7 +134,8 @@ def run_training(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[s
             raise ConfigError(f"resume checkpoint {resume!r} not found")
         version = Path(resume).resolve().parent.parent.name  # keep logging into the interrupted run's folder
         check_resume_checkpoint(resume, data.classes, cfg, backbone)
-    logger = TensorBoardLogger(save_dir=cfg.out_dir, name=cfg.run_name, version=version, default_hp_metric=False)
+    logger = AtomicTensorBoardLogger(save_dir=cfg.out_dir, name=cfg.run_name, version=version,
+                                     default_hp_metric=False)
     run_dir = Path(logger.log_dir)
     ckpt_dir = run_dir / "checkpoints"
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:02d}", monitor="val/acc", mode="max",

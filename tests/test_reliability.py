@@ -390,9 +390,10 @@ def _files(folder: Path) -> set[Path]:
 def test_checkpoints_config_and_feature_cache_are_written_by_rename(tmp_path, replaced):
     result = _train(tmp_path, *SMALL, "trainer.max_epochs=1")
     run_dir = Path(result["run_dir"])
-    written = _files(run_dir / "checkpoints") | {(run_dir / "config.yaml").resolve()} | _files(tmp_path / "cache")
-    assert {p.name for p in written} >= {"last.ckpt", "config.yaml", "header.json", "shard_00000.npy",
-                                         "shard_00000.labels.npy", "shard_00000.json"}
+    written = (_files(run_dir / "checkpoints") | {(run_dir / n).resolve() for n in ("config.yaml", "hparams.yaml")}
+               | _files(tmp_path / "cache"))
+    assert {p.name for p in written} >= {"last.ckpt", "config.yaml", "hparams.yaml", "header.json",
+                                         "shard_00000.npy", "shard_00000.labels.npy", "shard_00000.json"}
     assert written <= replaced  # every file appeared whole, by rename of a finished temp file
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
@@ -426,6 +427,30 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
         io.save_checkpoint({"step": torch.tensor(2), "big": torch.zeros(10_000)}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_failed_hparams_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    """TensorBoard's hparams.yaml: a writer that dies half-way leaves no hparams.yaml and no temp file."""
+    import lightning.pytorch.core.saving as saving
+
+    from cdam_pl.io import AtomicTensorBoardLogger
+
+    logger = AtomicTensorBoardLogger(save_dir=tmp_path, name="run", version=0)
+    logger.log_hyperparams({"lr": 0.1, "head": "linear"})
+
+    def killed(path, hparams, use_omegaconf=True):
+        Path(path).write_text("lr: 0.")  # half a file, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(saving, "save_hparams_to_yaml", killed)
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    run_dir = Path(logger.log_dir)
+    assert not (run_dir / "hparams.yaml").exists() and not list(run_dir.glob("*.tmp"))
+    monkeypatch.undo()
+    logger.save()
+    assert saving.load_hparams_from_yaml(str(run_dir / "hparams.yaml")) == {"lr": 0.1, "head": "linear"}
+    logger.experiment.close()
 
 
 def _train_split_cache(cache: Path) -> tuple[Path, dict]:
