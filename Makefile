@@ -7,4 +7,4 @@ bench:
 	$(PYTHON) bench/run_all.py --out BENCHMARKS.md
 
 bench-quick:
-	$(PYTHON) bench/run_all.py --quick --out BENCHMARKS.md
+	$(PYTHON) bench/run_all.py --quick   # writes bench/out/BENCHMARKS_quick.md

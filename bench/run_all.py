@@ -184,8 +184,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short versions of every benchmark (< 5 min on 2 cores)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to write (its other "
-                    "device's section is kept)")
+    ap.add_argument("--out", default=None, help="markdown file to write (default BENCHMARKS.md; with --quick "
+                    "bench/out/BENCHMARKS_quick.md, so the figures the README quotes stay those of a full run); "
+                    "its other device's section is kept")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these bench/<NAME>.py modules; their rows "
                     "replace theirs in --out, the other modules' rows are kept")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per module (default 1800, --quick 600)")
@@ -249,7 +250,7 @@ def main() -> int:
     ]
     if failures:
         lines += ["", *(f"- **{n} failed**: {e}" for n, e in failures)]
-    out = Path(args.out)
+    out = Path(args.out or (ROOT / "bench" / "out" / "BENCHMARKS_quick.md" if args.quick else ROOT / "BENCHMARKS.md"))
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = read_sections(out).get(args.device)
     if args.only and previous and not failures:  # keep the other modules' rows of the last full run

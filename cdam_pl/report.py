@@ -9,8 +9,9 @@ Methods are a registry: name -> `Method`, whose function takes `(cdam, images [B
 (or the `(backbone, head, images, targets, **params)` convention of the comparison methods) and returns maps
 [B, R, h, w] with R = K (one per target), K + M (targets, then concepts) for methods that accept `concepts=`,
 or 1 for class-agnostic methods. The comparison methods of `cdam_pl.explain.registry` (rp, tam, ig, smoothgrad,
-ixg) are registered from there, so explain.py and the benchmark run the same code. New methods plug in without touching this file: a module in `cdam_pl/explain/`
-that defines `REPORT_METHODS = {"name": fn, ...}` is found at run time (or call `register_method`). Parameters
+ixg) are registered from there, so explain.py and the benchmark run the same code. New methods plug in without
+touching this file: a module in `cdam_pl/explain/` that defines `REPORT_METHODS = {"name": fn, ...}` is found at
+run time (or call `register_method`). Parameters
 named `n_samples`, `noise`, `n_steps` are set from the command line when given, `seed` (int) or `generator`
 (a torch.Generator seeded at the start of every batch) from `--seed`; every keyword default is recorded.
 """
