@@ -22,6 +22,7 @@ Conventions
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -78,6 +79,15 @@ def _cmap(name: str):
     import matplotlib
 
     return matplotlib.colormaps[name]
+
+
+@functools.lru_cache(maxsize=16)
+def _lut_uint8(name: str) -> np.ndarray:
+    """A colormap's lookup table as uint8 RGB ``[N, 3]`` (read-only): its colours rounded to 0..255."""
+    cm = _cmap(name)
+    lut = np.round(cm(np.arange(cm.N))[:, :3] * 255.0).astype(np.uint8)  # integer input = table rows
+    lut.flags.writeable = False
+    return lut
 
 
 def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -156,8 +166,12 @@ def colorize(
     v = _resolve_vmax(vmax, m, q)
     x = np.nan_to_num(m, nan=0.0, posinf=v, neginf=-v)
     x = np.clip(x / v, -1.0, 1.0)  # [-1, 1]
-    rgba = _cmap(cmap)((x + 1.0) * 0.5)  # [H, W, 4] floats in [0, 1]
-    return np.round(rgba[..., :3] * 255.0).astype(np.uint8)
+    # What `Colormap.__call__` does with floats in [0, 1] (entry floor(x * N), x = 1 -> the last), but with the
+    # table already rounded to uint8: the same colours without a float RGBA image per call.
+    lut = _lut_uint8(cmap)
+    n = lut.shape[0]
+    idx = ((x + 1.0) * 0.5) * n
+    return lut[np.clip(idx, 0, n - 1).astype(np.intp)]  # [H, W, 3] uint8
 
 
 # ----------------------------------------------------------------------------- images
@@ -237,29 +251,176 @@ def overlay(
 # ----------------------------------------------------------------------------- figures
 
 
+# Figures are laid out explicitly, in inches, from measured text sizes (titles, colour-bar tick labels) instead of
+# matplotlib's constrained layout, which re-solved the layout on every draw and cost most of the drawing time.
+# Only text and colour bars are drawn by matplotlib; the images (which never overlap anything) are resampled
+# nearest-neighbour and pasted into the rendered pixels at their cells, which is what `imshow(interpolation=
+# "nearest")` would draw there, without its per-image Axes and RGBA resampling pipeline.
+
+_TITLE_FONTSIZE = 9  # per-cell titles (panel), column and row titles (strip)
+_SUPTITLE_FONTSIZE = 10
+_CBAR_FONTSIZE = 7  # colour-bar tick labels
+_MARGIN = 0.06  # inches of white around the content
+_GAP = 0.1  # inches between neighbouring cells; a cell is `cell_inches` wide including it
+_TITLE_PAD = 0.05  # inches between a title and its image
+_CBAR_WIDTH = 0.12  # inches
+_CBAR_PAD = 0.08  # inches between an image and its colour bar
+_CBAR_SHRINK = 0.9  # a colour bar is this fraction of the height of what it belongs to, centred on it
+
+
+def _resize_nearest(image: np.ndarray, h: int, w: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> [h, w, 3], nearest neighbour on pixel centres (as Agg's 'nearest' resampling)."""
+    ih, iw = image.shape[:2]
+    if (ih, iw) == (h, w):
+        return image
+    rows = np.minimum(((np.arange(h) + 0.5) * (ih / h)).astype(np.intp), ih - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * (iw / w)).astype(np.intp), iw - 1)
+    return image.take(rows, axis=0).take(cols, axis=1)
+
+
+class _Layout:
+    """A Figure on an Agg canvas, laid out by hand in inches from the bottom-left corner.
+
+    Artists are created first (text can be measured at any figure size), then placed, and :meth:`finish` sets the
+    figure size, converts the placements to figure coordinates and draws.
+    """
+
+    def __init__(self, dpi: int):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        self.fig = Figure(figsize=(1.0, 1.0), dpi=dpi)
+        self.canvas = FigureCanvasAgg(self.fig)
+        self.renderer = self.canvas.get_renderer()  # a 1x1 inch buffer, only to measure text with
+        self.dpi = float(self.fig.dpi)
+        self._axes: list[tuple[Any, tuple[float, float, float, float]]] = []
+        self._texts: list[tuple[Any, float, float]] = []
+        self._images: list[tuple[np.ndarray, tuple[float, float, float, float]]] = []
+
+    def size(self, text) -> tuple[float, float]:
+        """(width, height) in inches of a Text artist as drawn (rotation and line breaks included)."""
+        if not text.get_text():
+            return 0.0, 0.0
+        bb = text.get_window_extent(self.renderer)
+        return bb.width / self.dpi, bb.height / self.dpi
+
+    def text(self, s: Any, fontsize: float, max_len: float, **kw) -> tuple[Any, float, float]:
+        """A figure text, wrapped at spaces to fit ``max_len`` inches along its reading direction if it can be.
+
+        Returns ``(text, width, height)`` (inches, as drawn). A text that cannot be wrapped short enough (a long
+        word) keeps its size and the caller makes room for it.
+        """
+        s = str(s)
+        t = self.fig.text(0.0, 0.0, s, fontsize=fontsize, **kw)
+        w, h = self.size(t)
+        vertical = kw.get("rotation", 0) in (90, 270, "vertical")
+        length = h if vertical else w
+        if length <= max_len:
+            return t, w, h
+        import textwrap
+
+        lines = s.split("\n")
+        chars = max(len(line) for line in lines)
+        for _ in range(6):
+            chars = int(chars * min(max_len / length, 0.95))
+            if chars < 1:
+                break
+            t.set_text("\n".join(textwrap.fill(line, chars, break_long_words=False, break_on_hyphens=False) or line
+                                 for line in lines))
+            w, h = self.size(t)
+            length = h if vertical else w
+            if length <= max_len:
+                break
+        return t, w, h
+
+    def colorbar(self, v: float, cmap: str, height: float) -> tuple[Any, float, float]:
+        """A vertical colour bar for ``[-v, v]``, ``height`` inches tall, in an axes of its own (placed later).
+
+        Returns ``(cax, right, top)``: how far (inches) its ticks and tick labels reach right of the bar, and its
+        offset text (e.g. ``1e-5``) above it.
+        """
+        import matplotlib
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        # How many ticks a bar gets depends on its height, so the ticks are worked out at its final height.
+        self.fig.set_size_inches(1.0, height)
+        cax = self.fig.add_axes((0.0, 0.0, _CBAR_WIDTH, 1.0))
+        cax.tick_params(labelsize=_CBAR_FONTSIZE)
+        sm = ScalarMappable(norm=Normalize(vmin=-v, vmax=v), cmap=_cmap(cmap))
+        self.fig.colorbar(sm, cax=cax)
+        # The tick labels the draw will make (same locator and formatter), measured as text: as exact as the axis'
+        # tight bbox (ticks on the right, labels of the 7-pt size) at a third of its cost.
+        axis = cax.yaxis
+        lo, hi = sorted(axis.get_view_interval())
+        eps = 1e-9 * (hi - lo)
+        locs = [t for t in axis.get_majorticklocs() if lo - eps <= t <= hi + eps]
+        fmt = axis.get_major_formatter()
+        probe = self.fig.text(0.0, 0.0, "", fontsize=_CBAR_FONTSIZE)
+        label_w = 0.0
+        for s in fmt.format_ticks(locs):
+            probe.set_text(s)
+            label_w = max(label_w, self.size(probe)[0])
+        probe.remove()
+        rc = matplotlib.rcParams
+        right = label_w + (rc["ytick.major.size"] + rc["ytick.major.pad"]) / 72.0 if locs else 0.0
+        top = 0.0
+        if fmt.get_offset():  # a common factor such as 1e-5, drawn above the bar
+            # Above the bar and towards the tick labels (matplotlib right-aligns it, over the image on the left),
+            # in the size of the tick labels.
+            off = axis.offsetText
+            off.set(x=0.0, horizontalalignment="left", fontsize=_CBAR_FONTSIZE, text=fmt.get_offset())
+            ow, oh = self.size(off)
+            right = max(right, ow - _CBAR_WIDTH)
+            top = oh + axis.OFFSETTEXTPAD / 72.0
+        return cax, right, top
+
+    def place_axes(self, ax, left: float, bottom: float, width: float, height: float) -> None:
+        self._axes.append((ax, (left, bottom, width, height)))
+
+    def place_text(self, text, x: float, y: float) -> None:
+        self._texts.append((text, x, y))
+
+    def place_image(self, image: np.ndarray, left: float, bottom: float, width: float, height: float) -> None:
+        """An RGB uint8 image stretched over a box (inches)."""
+        self._images.append((image, (left, bottom, width, height)))
+
+    def finish(self, width: float, height: float) -> np.ndarray:
+        """Set the figure size (inches, rounded up to whole pixels), place everything, draw -> uint8 [H, W, 3]."""
+        pw, ph = int(np.ceil(width * self.dpi - 1e-6)), int(np.ceil(height * self.dpi - 1e-6))
+        width, height = pw / self.dpi, ph / self.dpi
+        self.fig.set_size_inches(width, height)
+        for ax, (x, y, w, h) in self._axes:
+            ax.set_position((x / width, y / height, w / width, h / height))
+        for t, x, y in self._texts:
+            t.set_position((x / width, y / height))
+        out = _render(self.fig)
+        ph, pw = out.shape[:2]  # as the canvas rounded it (the same, barring float fuzz)
+        for im, (x, y, w, h) in self._images:
+            x0, x1 = round(x * self.dpi), round((x + w) * self.dpi)
+            y0, y1 = ph - round((y + h) * self.dpi), ph - round(y * self.dpi)  # rows from the top
+            x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, pw), min(y1, ph)
+            if x1 > x0 and y1 > y0:
+                out[y0:y1, x0:x1] = _resize_nearest(im, y1 - y0, x1 - x0)
+        return out
+
+
 def _render(fig) -> np.ndarray:
-    """Draw a Figure on an Agg canvas -> uint8 [H, W, 3], then release the figure."""
+    """Draw a Figure on an Agg canvas -> uint8 [H, W, 3], then drop the canvas' pixel buffer.
+
+    The figure itself is left to the garbage collector: ``fig.clear()`` re-initialises every axes just to throw it
+    away and cost as much as drawing.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     try:
-        canvas = FigureCanvasAgg(fig)
         canvas.draw()
         rgba = np.asarray(canvas.buffer_rgba())  # [H, W, 4], view into the canvas buffer
         return np.ascontiguousarray(rgba[..., :3]).copy()
     finally:
-        fig.clear()
-
-
-def _add_colorbar(fig, ax, v: float, cmap: str, label: str | None = None):
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
-    sm = ScalarMappable(norm=Normalize(vmin=-v, vmax=v), cmap=_cmap(cmap))
-    cb = fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.02, shrink=0.9)
-    cb.ax.tick_params(labelsize=7)
-    if label:
-        cb.set_label(label, fontsize=7)
-    return cb
+        canvas.renderer = None  # the largest buffer, freed now rather than when the figure is collected
+        canvas._lastKey = None
 
 
 def panel(
@@ -285,10 +446,10 @@ def panel(
     ``titles`` has one entry per map (or one per panel, image first). ``vmax="shared"`` uses one
     display range over all maps (comparable colours, one colour bar); ``"per_map"`` scales each
     map on its own (own colour bar each); a number fixes the range (e.g. to keep epochs
-    comparable). The figure width grows with the number of maps. Returns uint8 ``[H, W, 3]``.
+    comparable). Each image gets a cell ``cell_inches`` wide (its height follows the image's
+    aspect), so the figure width grows with the number of maps; a title too long for its cell is
+    wrapped. Returns uint8 ``[H, W, 3]``.
     """
-    from matplotlib.figure import Figure
-
     grids = [_as_grid(m) for m in maps]
     titles = list(titles)
     if len(titles) == len(grids) + 1:
@@ -308,29 +469,48 @@ def panel(
         vs = [_resolve_vmax(vmax, np.zeros((1, 1)), q)] * len(grids)
     shared = not (isinstance(vmax, str) and vmax == "per_map")
 
-    n = 1 + len(grids)
-    aspect = img.shape[0] / img.shape[1]
-    extra = 0.5 if (colorbar and grids) else 0.0
-    per_cell_cb = colorbar and not shared
-    width = cell_inches * n + (0.5 * len(grids) if per_cell_cb else extra)
-    height = cell_inches * aspect + 0.45 + (0.3 if suptitle else 0.0)
-    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
-    axes = fig.subplots(1, n, squeeze=False)[0]
+    lay = _Layout(dpi)
+    box_w = cell_inches - _GAP  # an image's width in its cell
+    box_h = box_w * img.shape[0] / img.shape[1]
+    pictures = [img] + [overlay(img, g, alpha=alpha, mode=mode, vmax=v, cmap=cmap) for g, v in zip(grids, vs)]
+    heads = [lay.text(t, _TITLE_FONTSIZE, box_w, ha="center", va="bottom") for t in [image_title, *titles]]
+    bar_h = _CBAR_SHRINK * box_h
+    bars: dict[int, tuple[Any, float, float]] = {}  # cell index -> colour bar right of it
+    if colorbar and grids:
+        for k in range(1, len(pictures)) if not shared else [len(pictures) - 1]:
+            bars[k] = lay.colorbar(vs[k - 1], cmap, bar_h)
 
-    axes[0].imshow(img, interpolation="nearest")
-    axes[0].set_title(image_title, fontsize=9)
-    for ax, g, t, v in zip(axes[1:], grids, titles, vs):
-        ax.imshow(overlay(img, g, alpha=alpha, mode=mode, vmax=v, cmap=cmap), interpolation="nearest")
-        ax.set_title(t, fontsize=9)
-        if per_cell_cb:
-            _add_colorbar(fig, ax, v, cmap)
-    for ax in axes:
-        ax.set_axis_off()
-    if colorbar and grids and shared:
-        _add_colorbar(fig, list(axes[1:]), vs[0], cmap)
+    # left to right, inches from the left edge
+    x = _MARGIN
+    cells = []  # (left of the image, centre of the cell)
+    bar_left = {}
+    for k, (_, tw, _) in enumerate(heads):
+        cell = max(cell_inches, tw + _GAP)
+        cells.append((x + (cell - box_w) / 2, x + cell / 2))
+        x += cell
+        if k in bars:
+            bar_left[k] = cells[-1][0] + box_w + _CBAR_PAD
+            x = bar_left[k] + _CBAR_WIDTH + bars[k][1] + _GAP / 2
+    width = x + _MARGIN
+    sup = None
     if suptitle:
-        fig.suptitle(suptitle, fontsize=10)
-    return _render(fig)
+        sup, sw, sh = lay.text(suptitle, _SUPTITLE_FONTSIZE, width - 2 * _MARGIN, ha="center", va="top")
+        width = max(width, sw + 2 * _MARGIN)
+    shift = (width - (x + _MARGIN)) / 2  # centres the cells under a suptitle wider than they are
+
+    # bottom to top, inches from the bottom edge
+    title_h = max(h for _, _, h in heads)
+    offset_h = max((top for _, _, top in bars.values()), default=0.0) - (box_h - bar_h) / 2
+    height = _MARGIN + box_h + max(_TITLE_PAD + title_h, offset_h) + (_GAP + sh if sup is not None else 0.0) + _MARGIN
+
+    for pic, (t, _, _), (left, centre) in zip(pictures, heads, cells):
+        lay.place_image(pic, left + shift, _MARGIN, box_w, box_h)
+        lay.place_text(t, centre + shift, _MARGIN + box_h + _TITLE_PAD)
+    for k, (cax, _, _) in bars.items():
+        lay.place_axes(cax, bar_left[k] + shift, _MARGIN + (box_h - bar_h) / 2, _CBAR_WIDTH, bar_h)
+    if sup is not None:
+        lay.place_text(sup, width / 2, height - _MARGIN)
+    return lay.finish(width, height)
 
 
 def strip(
@@ -349,14 +529,13 @@ def strip(
     ``images_by_row[r][c]`` is any image accepted by :func:`to_uint8_image` (typically an
     :func:`overlay`), or None for an empty cell; rows may be ragged. If ``colorbar_vmax`` is
     given, one diverging colour bar for ``[-colorbar_vmax, colorbar_vmax]`` is added (use it when
-    all cells were drawn with that fixed range). Returns uint8 ``[H, W, 3]``.
+    all cells were drawn with that fixed range). Cells are ``cell_inches`` wide and take the first
+    image's aspect; a title too long for its cell is wrapped. Returns uint8 ``[H, W, 3]``.
     """
-    from matplotlib.figure import Figure
-
     rows = [[None if im is None else to_uint8_image(im) for im in row] for row in images_by_row]
     nrows = len(rows)
     ncols = max((len(r) for r in rows), default=0)
-    if nrows == 0 or ncols == 0:
+    if nrows == 0 or ncols == 0 or all(im is None for r in rows for im in r):
         raise ValueError("strip needs at least one image")
     if row_titles is not None and len(row_titles) != nrows:
         raise ValueError(f"got {nrows} rows but {len(row_titles)} row titles")
@@ -364,30 +543,52 @@ def strip(
         raise ValueError(f"got {ncols} columns but {len(col_titles)} column titles")
 
     first = next(im for r in rows for im in r if im is not None)
-    aspect = first.shape[0] / first.shape[1]
-    width = cell_inches * ncols + (0.4 if row_titles else 0.0) + (0.6 if colorbar_vmax else 0.0)
-    height = cell_inches * aspect * nrows + (0.3 if col_titles else 0.0) + (0.3 if suptitle else 0.0)
-    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)  # [nrows, ncols]
-    for r in range(nrows):
-        for c in range(ncols):
-            ax = axes[r, c]
-            im = rows[r][c] if c < len(rows[r]) else None
-            if im is not None:
-                ax.imshow(im, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for s in ax.spines.values():
-                s.set_visible(False)
-            if r == 0 and col_titles is not None:
-                ax.set_title(str(col_titles[c]), fontsize=9)
-            if c == 0 and row_titles is not None:
-                ax.set_ylabel(str(row_titles[r]), fontsize=9)
-    if colorbar_vmax:
-        _add_colorbar(fig, axes.ravel().tolist(), _resolve_vmax(colorbar_vmax, np.zeros((1, 1)), 0.0), cmap)
+    lay = _Layout(dpi)
+    box_w = cell_inches - _GAP
+    box_h = box_w * first.shape[0] / first.shape[1]
+    grid_h = nrows * box_h + (nrows - 1) * _GAP
+    heads = [lay.text(t, _TITLE_FONTSIZE, box_w, ha="center", va="bottom") for t in col_titles or []]
+    sides = [lay.text(t, _TITLE_FONTSIZE, box_h, ha="right", va="center", rotation=90) for t in row_titles or []]
+    bar_h = _CBAR_SHRINK * grid_h
+    bar = lay.colorbar(_resolve_vmax(colorbar_vmax, np.zeros((1, 1)), 0.0), cmap, bar_h) if colorbar_vmax else None
+
+    # left to right
+    x = _MARGIN + (max(w for _, w, _ in sides) + _TITLE_PAD if sides else 0.0)
+    cells = []  # (left of the images, centre of the column)
+    for c in range(ncols):
+        cell = max(cell_inches, heads[c][1] + _GAP if heads else 0.0)
+        cells.append((x + (cell - box_w) / 2, x + cell / 2))
+        x += cell
+    if bar is not None:
+        bar_left = cells[-1][0] + box_w + _CBAR_PAD
+        x = bar_left + _CBAR_WIDTH + bar[1] + _GAP / 2
+    width = x + _MARGIN
+    sup = None
     if suptitle:
-        fig.suptitle(suptitle, fontsize=10)
-    return _render(fig)
+        sup, sw, sh = lay.text(suptitle, _SUPTITLE_FONTSIZE, width - 2 * _MARGIN, ha="center", va="top")
+        width = max(width, sw + 2 * _MARGIN)
+    shift = (width - (x + _MARGIN)) / 2
+
+    # bottom to top
+    above = max(_TITLE_PAD + max(h for _, _, h in heads) if heads else 0.0,
+                bar[2] - (grid_h - bar_h) / 2 if bar is not None else 0.0)
+    height = _MARGIN + grid_h + above + (_GAP + sh if sup is not None else 0.0) + _MARGIN
+    top = _MARGIN + grid_h  # top edge of the first row
+
+    for r, row in enumerate(rows):
+        y = top - (r + 1) * box_h - r * _GAP  # bottom edge of row r
+        for c, im in enumerate(row):
+            if im is not None:
+                lay.place_image(im, cells[c][0] + shift, y, box_w, box_h)
+        if sides:
+            lay.place_text(sides[r][0], cells[0][0] + shift - _TITLE_PAD, y + box_h / 2)
+    for (t, _, _), (_, centre) in zip(heads, cells):
+        lay.place_text(t, centre + shift, top + _TITLE_PAD)
+    if bar is not None:
+        lay.place_axes(bar[0], bar_left + shift, _MARGIN + (grid_h - bar_h) / 2, _CBAR_WIDTH, bar_h)
+    if sup is not None:
+        lay.place_text(sup, width / 2, height - _MARGIN)
+    return lay.finish(width, height)
 
 
 # ----------------------------------------------------------------------------- files

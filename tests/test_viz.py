@@ -233,6 +233,164 @@ def test_panel_thread_safe():
     assert len(set(results)) == 1
 
 
+def _runs(flags):
+    """[(first, last)] of the runs of True in a 1-D bool array."""
+    idx = np.flatnonzero(flags)
+    if idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) > 1)
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    ends = np.concatenate([idx[breaks], [idx[-1]]])
+    return list(zip(starts.tolist(), ends.tolist()))
+
+
+def _box(out, colour):
+    """(top, bottom, left, right) of the pixels of exactly this colour, or None."""
+    ys, xs = np.nonzero((out == np.asarray(colour, np.uint8)).all(-1))
+    if ys.size == 0:
+        return None
+    return ys.min(), ys.max(), xs.min(), xs.max()
+
+
+def _text_mask(out):
+    """Dark grey/black pixels: anti-aliased black text (titles, tick labels)."""
+    o = out.astype(int)
+    return (o.max(-1) < 100) & (o.max(-1) - o.min(-1) < 12)
+
+
+_IMG = (210, 190, 60)  # an image colour that anti-aliased black text never has
+
+
+def _panel_colours(img, values):
+    """The colour each constant map gets in a panel (overlay of a uniform image, vmax=1)."""
+    return [tuple(viz.overlay(img[:1, :1], np.full((1, 1), v), vmax=1.0)[0, 0]) for v in values]
+
+
+@pytest.mark.parametrize("dpi", [100, 150])
+def test_panel_cells_side_by_side_with_image_aspect(dpi):
+    img = np.full((32, 48, 3), _IMG, np.uint8)  # aspect 2:3
+    values = [1.0, -1.0, 0.5]
+    out = viz.panel(img, [np.full((2, 3), v) for v in values], ["pos", "neg", "half"], suptitle="s", vmax=1.0,
+                    colorbar=False, dpi=dpi)
+    boxes = [_box(out, _IMG)] + [_box(out, c) for c in _panel_colours(img, values)]
+    assert all(b is not None for b in boxes)
+    box_w = 2.4 * dpi  # cell_inches=2.4: the image fills its cell up to the gap between cells
+    for top, bottom, left, right in boxes:
+        w, h = right - left + 1, bottom - top + 1
+        assert 0.9 * box_w <= w <= box_w, (w, box_w)
+        assert abs(h / w - 32 / 48) < 0.02, (h, w)  # the image's aspect
+        assert (top, bottom) == boxes[0][:2]  # one row
+    # left to right in the order given, not overlapping, a gap between neighbours
+    for (_, _, _, right), (_, _, left, _) in zip(boxes, boxes[1:]):
+        assert left > right + 1
+    # everything inside the picture, with a margin
+    assert boxes[0][2] > 0 and boxes[-1][3] < out.shape[1] - 1 and boxes[0][1] < out.shape[0] - 1
+
+
+def test_panel_size_scales_with_dpi_and_cells():
+    img = np.full((40, 40, 3), _IMG, np.uint8)
+    maps = [np.eye(4)] * 3
+    small = viz.panel(img, maps, ["a", "b", "c"], suptitle="s", dpi=60)
+    big = viz.panel(img, maps, ["a", "b", "c"], suptitle="s", dpi=120)
+    assert abs(big.shape[0] / small.shape[0] - 2) < 0.05 and abs(big.shape[1] / small.shape[1] - 2) < 0.05
+    # one more map adds about one cell (2.4 inches) of width and nothing to the height
+    four = viz.panel(img, maps + [np.eye(4)], ["a", "b", "c", "d"], suptitle="s", dpi=60)
+    assert four.shape[0] == small.shape[0]
+    assert abs((four.shape[1] - small.shape[1]) - 2.4 * 60) <= 2
+
+
+def test_panel_long_titles_wrap_inside_their_cells():
+    img = np.full((32, 32, 3), _IMG, np.uint8)
+    values = [1.0, -1.0]
+    long = ["Sneaker  logit 7.31  p=0.93", "a much longer title than a single 2.4-inch cell has room for, at 9 pt"]
+    out = viz.panel(img, [np.full((2, 2), v) for v in values], long, vmax=1.0, colorbar=False,
+                    suptitle="img_0042.png (true Sneaker), after 3 epochs")
+    short = viz.panel(img, [np.full((2, 2), v) for v in values], ["a", "b"], vmax=1.0, colorbar=False,
+                      suptitle="img_0042.png (true Sneaker), after 3 epochs")
+    assert out.shape[1] == short.shape[1]  # wrapped, not widened
+    assert out.shape[0] > short.shape[0]  # the wrapped title gets its lines
+    boxes = [_box(out, _IMG)] + [_box(out, c) for c in _panel_colours(img, values)]
+    top = boxes[0][0]
+    text = _text_mask(out)
+    assert not text[top:].any()  # no title over the images
+    # every title pixel is over its own cell (or the gap half next to it), never over a neighbour
+    cols = np.flatnonzero(text[:top].any(0))
+    assert cols.size
+    gap = boxes[1][2] - boxes[0][3]
+    assert all(any(l - gap / 2 <= c <= r + gap / 2 for _, _, l, r in boxes) for c in cols)
+    # and not clipped: white margin all around
+    assert not text[[0, -1]].any() and not text[:, [0, -1]].any()
+
+
+@pytest.mark.parametrize("vmax, bars", [("shared", 1), ("per_map", 2), (0.5, 1)])
+def test_panel_colour_bars_right_of_maps_with_tick_labels(vmax, bars):
+    img = np.full((32, 32, 3), _IMG, np.uint8)
+    maps = [np.full((2, 2), 0.3), np.arange(4.0).reshape(2, 2) - 1.5]
+    out = viz.panel(img, maps, ["a", "b"], vmax=vmax, mode="nearest")
+    o = out.astype(int)
+    deep_red = (o[..., 0] > 90) & (o[..., 1] < 30) & (o[..., 2] < 70)  # the top of RdBu_r; overlays are paler
+    runs = [r for r in _runs(deep_red.sum(0) >= 3)]
+    assert len(runs) == bars, runs
+    # each bar has tick labels just right of it
+    text = _text_mask(out)
+    for _, right in runs:
+        assert text[:, right + 1 : right + 40].any()
+    # without colour bars there is none, and the picture is narrower
+    plain = viz.panel(img, maps, ["a", "b"], vmax=vmax, mode="nearest", colorbar=False)
+    p = plain.astype(int)
+    assert not ((p[..., 0] > 90) & (p[..., 1] < 30) & (p[..., 2] < 70)).sum(0).any()
+    assert plain.shape[1] < out.shape[1]
+
+
+def test_panel_per_map_bar_sits_between_its_map_and_the_next():
+    img = np.full((32, 32, 3), _IMG, np.uint8)
+    values = [1.0, -1.0]
+    out = viz.panel(img, [np.full((2, 2), v) for v in values], ["pos", "neg"], vmax="per_map")
+    # per_map: a constant map's display range is its own |value|, so it is drawn at +-1 of its range
+    cells = [_box(out, c) for c in _panel_colours(img, values)]
+    o = out.astype(int)
+    runs = _runs(((o[..., 0] > 90) & (o[..., 1] < 30) & (o[..., 2] < 70)).sum(0) >= 3)
+    assert len(runs) == 2
+    assert cells[0][3] < runs[0][0] and runs[0][1] < cells[1][2] and cells[1][3] < runs[1][0]
+
+
+def test_panel_tiny_range_offset_text_fits():
+    img = np.full((32, 32, 3), _IMG, np.uint8)
+    out = viz.panel(img, [np.full((2, 2), 3e-6)], ["tiny"], suptitle="s", vmax="per_map")
+    text = _text_mask(out)
+    assert not text[[0, -1]].any() and not text[:, [0, -1]].any()
+    map_box = _box(out, _panel_colours(img, [1.0])[0])
+    # the factor (1e-6) above the bar stays off the map
+    assert not text[map_box[0] : map_box[1] + 1, map_box[2] : map_box[3] + 1].any()
+
+
+def test_colorize_matches_matplotlib_colormap():
+    import matplotlib
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.uniform(-1.2, 1.2, 5000), np.linspace(-1, 1, 513), [0.0, 1.0, -1.0]])[None]
+    for name in ("RdBu_r", "viridis"):
+        ref = np.round(matplotlib.colormaps[name]((np.clip(x, -1, 1) + 1) * 0.5)[..., :3] * 255).astype(np.uint8)
+        np.testing.assert_array_equal(viz.colorize(x, vmax=1.0, cmap=name), ref)
+
+
+def test_strip_cells_in_grid_order():
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 250, 0)]
+    cells = [np.full((20, 30, 3), c, np.uint8) for c in colours]
+    out = viz.strip([[cells[0], cells[1]], [cells[2], cells[3]]], ["r0", "r1"], ["c0", "c1"], suptitle="s",
+                    colorbar_vmax=1.0)
+    b = [_box(out, c) for c in colours]
+    assert all(x is not None for x in b)
+    for top, bottom, left, right in b:
+        assert abs((bottom - top + 1) / (right - left + 1) - 20 / 30) < 0.02
+    assert b[0][3] < b[1][2] and b[2][3] < b[3][2]  # columns
+    assert b[0][1] < b[2][0] and b[1][1] < b[3][0]  # rows
+    assert b[0][2] == b[2][2] and b[0][0] == b[1][0]  # aligned
+    text = _text_mask(out)
+    assert text[b[0][0] : b[0][1], : b[0][2]].any()  # row title left of the first row
+    assert not text[[0, -1]].any() and not text[:, [0, -1]].any()
+
+
 def test_strip_grid_grows_with_rows_and_cols():
     cell = viz.overlay(np.full((24, 24, 3), 0.5), np.eye(3))
     small = viz.strip([[cell, cell]], ["cdam"], ["ep 0", "ep 1"])
