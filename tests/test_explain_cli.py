@@ -312,6 +312,13 @@ def test_panels_drawn_in_worker_processes_equal_inline(tiny_checkpoint, tmp_path
 # --------------------------------------------------------------------------------------------- pieces
 
 
+def test_default_render_processes():
+    """Drawing processes only where they do not compete with the model for cores."""
+    assert report.default_render_processes(64, cpus=2) == 0 and report.default_render_processes(64, cpus=3) == 0
+    assert report.default_render_processes(15, cpus=32) == 0
+    assert report.default_render_processes(64, cpus=4) == 2 and report.default_render_processes(64, cpus=64) == 8
+
+
 def test_parse_targets():
     classes = ["Cat", "dog", "top2"]
     assert report.parse_targets("DOG, cat", classes).indices == (1, 0)
