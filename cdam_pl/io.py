@@ -7,8 +7,9 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -17,22 +18,30 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Call `write(file_object)` on a temp file beside `path`, then `os.replace` it onto `path`."""
-    path = Path(path)
+@contextmanager
+def _temp_beside(path: Path) -> Iterator[str]:
+    """A temp file name in `path`'s folder; when the block succeeds the file is renamed onto `path`, when it fails
+    (or is interrupted) the temp file is removed and the old `path` stays as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    """Call `write(file_object)` on a temp file beside `path`, fsync, then `os.replace` it onto `path`."""
+    path = Path(path)
+    with _temp_beside(path) as tmp, open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
@@ -67,19 +76,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def atomic_write_path(path: str | os.PathLike, write_to: Callable[[str], None]) -> Path:
     """For writers that take a file name: `write_to(temp_name)` beside `path`, fsync, then rename onto `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _temp_beside(path) as tmp:
         write_to(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
