@@ -142,11 +142,14 @@ def unregister_method(name: str) -> None:
 
 
 def available_methods() -> dict[str, Method]:
-    """Built-in methods plus every `REPORT_METHODS` found in the modules of `cdam_pl.explain` (imported once)."""
+    """Built-in methods, the comparison methods of `cdam_pl.explain.registry`, and every `REPORT_METHODS` found in
+    the modules of `cdam_pl.explain` (imported once, on first use)."""
     global _DISCOVERED
     if not _DISCOVERED:
         _DISCOVERED = True
         import cdam_pl.explain as pkg
+
+        _add_comparison_methods()
 
         for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
             try:
@@ -217,9 +220,6 @@ def _add_comparison_methods() -> None:
         if m.name not in METHODS and m.name not in ALIASES:
             METHODS[m.name] = Method(m.name, m.fn, class_agnostic=not m.class_specific,
                                      help=f"{m.label}: {m.description}")
-
-
-_add_comparison_methods()
 
 
 def parse_methods(spec: str | Sequence[str]) -> list[Method]:
