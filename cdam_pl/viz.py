@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -296,6 +297,7 @@ class _Layout:
         self._axes: list[tuple[Any, tuple[float, float, float, float]]] = []
         self._texts: list[tuple[Any, float, float]] = []
         self._images: list[tuple[np.ndarray, tuple[float, float, float, float]]] = []
+        self._suptitle = None
 
     def size(self, text) -> tuple[float, float]:
         """(width, height) in inches of a Text artist as drawn (rotation and line breaks included)."""
@@ -317,8 +319,6 @@ class _Layout:
         length = h if vertical else w
         if length <= max_len:
             return t, w, h
-        import textwrap
-
         lines = s.split("\n")
         chars = max(len(line) for line in lines)
         for _ in range(6):
@@ -375,6 +375,20 @@ class _Layout:
             top = oh + axis.OFFSETTEXTPAD / 72.0
         return cax, right, top
 
+    def suptitle(self, s: str | None, right: float) -> tuple[float, float, float]:
+        """A figure title over content that ends ``right`` inches from the left edge, placed by :meth:`finish`.
+
+        Returns ``(width, shift, height)``: the figure width, how far to shift the content right to centre it under
+        a title wider than itself, and the height the title adds above the content (0 without a title).
+        """
+        width = right + _MARGIN
+        if not s:
+            return width, 0.0, 0.0
+        t, w, h = self.text(s, _SUPTITLE_FONTSIZE, width - 2 * _MARGIN, ha="center", va="top")
+        self._suptitle = t
+        full = max(width, w + 2 * _MARGIN)
+        return full, (full - width) / 2, _GAP + h
+
     def place_axes(self, ax, left: float, bottom: float, width: float, height: float) -> None:
         self._axes.append((ax, (left, bottom, width, height)))
 
@@ -387,6 +401,8 @@ class _Layout:
 
     def finish(self, width: float, height: float) -> np.ndarray:
         """Set the figure size (inches, rounded up to whole pixels), place everything, draw -> uint8 [H, W, 3]."""
+        if self._suptitle is not None:
+            self.place_text(self._suptitle, width / 2, height - _MARGIN)
         pw, ph = int(np.ceil(width * self.dpi - 1e-6)), int(np.ceil(height * self.dpi - 1e-6))
         width, height = pw / self.dpi, ph / self.dpi
         self.fig.set_size_inches(width, height)
@@ -491,25 +507,18 @@ def panel(
         if k in bars:
             bar_left[k] = cells[-1][0] + box_w + _CBAR_PAD
             x = bar_left[k] + _CBAR_WIDTH + bars[k][1] + _GAP / 2
-    width = x + _MARGIN
-    sup = None
-    if suptitle:
-        sup, sw, sh = lay.text(suptitle, _SUPTITLE_FONTSIZE, width - 2 * _MARGIN, ha="center", va="top")
-        width = max(width, sw + 2 * _MARGIN)
-    shift = (width - (x + _MARGIN)) / 2  # centres the cells under a suptitle wider than they are
+    width, shift, sup_h = lay.suptitle(suptitle, x)
 
     # bottom to top, inches from the bottom edge
     title_h = max(h for _, _, h in heads)
     offset_h = max((top for _, _, top in bars.values()), default=0.0) - (box_h - bar_h) / 2
-    height = _MARGIN + box_h + max(_TITLE_PAD + title_h, offset_h) + (_GAP + sh if sup is not None else 0.0) + _MARGIN
+    height = _MARGIN + box_h + max(_TITLE_PAD + title_h, offset_h) + sup_h + _MARGIN
 
     for pic, (t, _, _), (left, centre) in zip(pictures, heads, cells):
         lay.place_image(pic, left + shift, _MARGIN, box_w, box_h)
         lay.place_text(t, centre + shift, _MARGIN + box_h + _TITLE_PAD)
     for k, (cax, _, _) in bars.items():
         lay.place_axes(cax, bar_left[k] + shift, _MARGIN + (box_h - bar_h) / 2, _CBAR_WIDTH, bar_h)
-    if sup is not None:
-        lay.place_text(sup, width / 2, height - _MARGIN)
     return lay.finish(width, height)
 
 
@@ -562,17 +571,12 @@ def strip(
     if bar is not None:
         bar_left = cells[-1][0] + box_w + _CBAR_PAD
         x = bar_left + _CBAR_WIDTH + bar[1] + _GAP / 2
-    width = x + _MARGIN
-    sup = None
-    if suptitle:
-        sup, sw, sh = lay.text(suptitle, _SUPTITLE_FONTSIZE, width - 2 * _MARGIN, ha="center", va="top")
-        width = max(width, sw + 2 * _MARGIN)
-    shift = (width - (x + _MARGIN)) / 2
+    width, shift, sup_h = lay.suptitle(suptitle, x)
 
     # bottom to top
     above = max(_TITLE_PAD + max(h for _, _, h in heads) if heads else 0.0,
                 bar[2] - (grid_h - bar_h) / 2 if bar is not None else 0.0)
-    height = _MARGIN + grid_h + above + (_GAP + sh if sup is not None else 0.0) + _MARGIN
+    height = _MARGIN + grid_h + above + sup_h + _MARGIN
     top = _MARGIN + grid_h  # top edge of the first row
 
     for r, row in enumerate(rows):
@@ -586,8 +590,6 @@ def strip(
         lay.place_text(t, centre + shift, top + _TITLE_PAD)
     if bar is not None:
         lay.place_axes(bar[0], bar_left + shift, _MARGIN + (grid_h - bar_h) / 2, _CBAR_WIDTH, bar_h)
-    if sup is not None:
-        lay.place_text(sup, width / 2, height - _MARGIN)
     return lay.finish(width, height)
 
 
