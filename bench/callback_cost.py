@@ -23,15 +23,13 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Row, main as bench_main  # noqa: E402
-from cdam_pl.backbone import load_backbone  # noqa: E402
+from bench.common import Row, cpu_threads, main as bench_main, random_vit  # noqa: E402
 from cdam_pl.callbacks import ExplanationCallback  # noqa: E402
 from cdam_pl.explain import CDAM  # noqa: E402
 from cdam_pl.metrics import num_deleted, random_tokens  # noqa: E402
@@ -66,11 +64,8 @@ def interleaved(fns: dict, repeat: int, device: str = "cpu") -> tuple[dict, dict
     return wall, cpu
 
 def run(quick: bool = False, device: str = "cpu") -> list[Row]:
-    if device == "cpu":
-        torch.set_num_threads(2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        backbone = load_backbone("vit_small_patch16_224", weights=None, img_size=224).to(device)
+    cpu_threads(device)
+    backbone = random_vit("vit_small_patch16_224", 224, device)
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(backbone.embed_dim, N_CLASSES).to(device).eval()
     images = torch.randn(N_IMAGES, 3, 224, 224, generator=g)

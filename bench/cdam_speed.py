@@ -9,24 +9,19 @@ Random weights: speed does not depend on their values.
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Row, timeit, main as bench_main  # noqa: E402
-from cdam_pl.backbone import load_backbone  # noqa: E402
+from bench.common import Row, cpu_threads, random_vit, timeit, main as bench_main  # noqa: E402
 from cdam_pl.explain import CDAM  # noqa: E402
 from cdam_pl.explain.reference import naive_cdam  # noqa: E402
 
 
 def run(quick: bool = False, device: str = "cpu") -> list[Row]:
-    if device == "cpu":
-        torch.set_num_threads(2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        backbone = load_backbone("vit_small_patch16_224", weights=None, img_size=224).to(device)
+    cpu_threads(device)
+    backbone = random_vit("vit_small_patch16_224", 224, device)
     head = torch.nn.Linear(backbone.embed_dim, 1000).to(device).eval()
     batch = 8 if device == "cpu" else 64
     images = torch.randn(batch, 3, 224, 224, device=device)

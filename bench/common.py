@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +35,22 @@ class Row:
 
 
 HEADER = "| benchmark | measured | time | baseline (same run) | ratio | goal |\n|---|---|---|---|---|---|"
+
+
+def cpu_threads(device: str, n: int = 2) -> None:
+    """Every CPU figure uses the same torch thread count (the 2-core CI machine's), whatever the host has."""
+    if device == "cpu":
+        torch.set_num_threads(n)
+
+
+def random_vit(name: str, img_size, device: str = "cpu", **overrides):
+    """A timm ViT as a FrozenViT with random weights (speed does not depend on their values) on `device`; the
+    warning that no pretrained weights were loaded is silenced."""
+    from cdam_pl.backbone import load_backbone
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_backbone(name, weights=None, img_size=img_size, **overrides).to(device)
 
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, device: str = "cpu") -> float:

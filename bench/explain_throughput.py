@@ -15,7 +15,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,13 +25,10 @@ def make_checkpoint(path: Path, name: str, img_size: int) -> None:
     """A cdam-pl checkpoint (head only + backbone identity) for a randomly initialised backbone."""
     import torch
 
-    from cdam_pl.backbone import load_backbone
+    from bench.common import random_vit
     from cdam_pl.module import HeadClassifier
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        backbone = load_backbone(name, weights=None, img_size=img_size)
-    module = HeadClassifier(backbone, [f"class{k}" for k in range(10)])
+    module = HeadClassifier(random_vit(name, img_size), [f"class{k}" for k in range(10)])
     ckpt = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     torch.save(ckpt, path)
@@ -95,10 +91,9 @@ def run(quick: bool = False, device: str = "cpu"):
     """Rows for bench/run_all.py: explain.py's loop against the maps alone, same images, same process."""
     import torch
 
-    from bench.common import Row
+    from bench.common import Row, cpu_threads
 
-    if device == "cpu":
-        torch.set_num_threads(2)
+    cpu_threads(device)
     n, batch = (16, 8) if quick else (64, 16)
     if device != "cpu":
         n, batch = (256, 64) if quick else (1024, 64)

@@ -16,28 +16,27 @@ torch's FlopCounterMode, divided by the measured times, against a large matmul's
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Row, timeit, main as bench_main  # noqa: E402
-from cdam_pl.backbone import load_backbone  # noqa: E402
+from bench.common import Row, cpu_threads, random_vit, timeit, main as bench_main  # noqa: E402
 from cdam_pl.explain.tam import naive_token_ablation_map, token_ablation_map  # noqa: E402
 
-MODELS = {  # label: (timm name, image size, overrides, images (full, quick))
-    "ViT-S/14 @112 px, 64 tokens": ("vit_small_patch14_dinov2", 112, {}, (2, 1)),
+MODELS = {  # label: (timm name, image size, overrides, images (full, quick), timing repeats (full, quick))
+    "ViT-S/14 @112 px, 64 tokens": ("vit_small_patch14_dinov2", 112, {}, (2, 1), (3, 1)),
     "depth-2 64-d ViT/16 @64 px, 16 tokens": ("vit_small_patch16_224", 64, dict(depth=2, embed_dim=64, num_heads=4),
-                                              (8, 2)),
+                                              (8, 2), (3, 3)),  # its loop takes milliseconds
 }
 
 
-def flops(fn) -> int:
+def counted(fn):
+    """fn() and the FLOPs it took: (result, flops)."""
     with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
+        out = fn()
+    return out, counter.get_total_flops()
 
 
 def matmul_rate(device: str, n: int = 1024) -> float:
@@ -47,24 +46,20 @@ def matmul_rate(device: str, n: int = 1024) -> float:
 
 
 def run(quick: bool = False, device: str = "cpu") -> list[Row]:
-    if device == "cpu":
-        torch.set_num_threads(2)
+    cpu_threads(device)
     rows: list[Row] = []
     peak = matmul_rate(device)
-    for label, (name, size, overrides, counts) in MODELS.items():
-        n_img = counts[1] if quick else counts[0]
-        rep = 3 if overrides else (1 if quick else 3)  # the tiny model's loop takes milliseconds
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            backbone = load_backbone(name, weights=None, img_size=size, **overrides).to(device)
+    for label, (name, size, overrides, counts, repeats) in MODELS.items():
+        n_img, rep = (counts[1], repeats[1]) if quick else (counts[0], repeats[0])
+        backbone = random_vit(name, size, device, **overrides)
         head = torch.nn.Linear(backbone.embed_dim, 10).to(device).eval()
         images = torch.randn(n_img, 3, size, size, device=device)
         targets = torch.tensor([[0, 1]] * n_img, device=device)
         fast_fn = lambda: token_ablation_map(backbone, head, images, targets)  # noqa: E731
         naive_fn = lambda: naive_token_ablation_map(backbone, head, images, targets)  # noqa: E731
         fast, naive = timeit(fast_fn, repeat=rep, device=device), timeit(naive_fn, repeat=rep, device=device)
-        diff = (fast_fn() - naive_fn()).abs().max().item()
-        f_fast, f_naive = flops(fast_fn), flops(naive_fn)
+        (got, f_fast), (ref, f_naive) = counted(fast_fn), counted(naive_fn)
+        diff = (got - ref).abs().max().item()
         print(f"{label}: max |batched - naive| = {diff:.2e}; FLOPs batched {f_fast / 1e9:.2f} G, "
               f"per-token loop {f_naive / 1e9:.2f} G; large matmul {peak / 1e9:.0f} GFLOP/s; "
               f"loop {f_naive / naive / 1e9:.0f} GFLOP/s, batched {f_fast / fast / 1e9:.0f} GFLOP/s")
