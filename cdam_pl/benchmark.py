@@ -30,9 +30,24 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
+from cdam_pl.checkpoint import load_checkpoint
+from cdam_pl.cli import run_cli
+from cdam_pl.data.datasets import FashionMNISTDataset
+from cdam_pl.data.splits import stratified_subset
+from cdam_pl.data.transforms import build_transform
 from cdam_pl.errors import CdamError
+from cdam_pl.explain import registry
+from cdam_pl.explain.tam import naive_token_ablation_map, token_ablation_map
+from cdam_pl.io import atomic_write_text
+from cdam_pl.metrics.compactness import Compactness
+from cdam_pl.metrics.deletion import DeletionFidelity, deletion_curves
+from cdam_pl.metrics.evidence import MaskedEvidenceShare
+from cdam_pl.metrics.sensitivity import ClassSensitivity
+from cdam_pl.viz.figures import strip
+from cdam_pl.viz.maps import DISPLAY_Q, overlay, save_png, to_uint8_image
 
 SETS = ("fmnist", "composites", "photos")
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
@@ -42,7 +57,6 @@ DEMO_GLOB = "runs/demo/version_*/checkpoints/last.ckpt"
 # (DINOv2 ViT-S/14 at 112 px); --quick is for CI and tests.
 FULL = dict(fmnist=4, composites=3, photos=len(PHOTOS), n_samples=50, tam_speed_images=1)
 QUICK = dict(fmnist=2, composites=2, photos=2, n_samples=8, tam_speed_images=1)
-SAMPLE_PARAMS = {"smooth_cdam": "n_samples", "integrated_cdam": "n_steps", "ig": "n_steps", "smoothgrad": "n_samples"}
 CONTROL = "random"
 
 
@@ -97,8 +111,6 @@ def _fmnist_root(config: dict) -> str | None:
 
 
 def _transform(model, size):
-    from cdam_pl.data import build_transform
-
     dc = model.backbone.data_config
     return build_transform(size, dc["mean"], dc["std"], dc["interpolation"])
 
@@ -109,8 +121,6 @@ def _top2(model, images: Tensor) -> Tensor:
 
 
 def fmnist_set(model, n: int, seed: int, device) -> ImageSet:
-    from cdam_pl.data import FashionMNISTDataset, stratified_subset
-
     ds = FashionMNISTDataset(_fmnist_root(model.config), "test")
     idx = stratified_subset(ds.targets, n, seed)
     tf = _transform(model, model.backbone.img_size)
@@ -124,10 +134,6 @@ def fmnist_set(model, n: int, seed: int, device) -> ImageSet:
 
 def composite_set(model, n: int, seed: int, device) -> ImageSet:
     """Two items of different classes side by side; targets = (left class, right class); masks = halves."""
-    from PIL import Image
-
-    from cdam_pl.data import FashionMNISTDataset
-
     ds = FashionMNISTDataset(_fmnist_root(model.config), "test")
     rng = np.random.default_rng(seed + 1)
     labels = np.asarray(ds.targets)
@@ -155,10 +161,8 @@ def composite_set(model, n: int, seed: int, device) -> ImageSet:
 
 
 def photo_set(model, names: Sequence[str], device) -> ImageSet:
-    from PIL import Image
-
     try:
-        import skimage.data as skdata
+        import skimage.data as skdata  # optional: scikit-image (only the photos set needs it)
     except ImportError:
         raise CdamError("the photos set needs scikit-image: pip install scikit-image (or --sets fmnist,composites)") \
             from None
@@ -178,7 +182,8 @@ def photo_set(model, names: Sequence[str], device) -> ImageSet:
 
 # --- running the methods ------------------------------------------------------------------------------------------
 def method_params(name: str, n_samples: int) -> dict[str, int]:
-    key = SAMPLE_PARAMS.get(name)
+    """--n-samples sets the parameter that counts samples or path steps of each method that has one."""
+    key = registry.get(name).samples
     return {key: n_samples} if key else {}
 
 
@@ -186,7 +191,6 @@ def run_methods(model, s: ImageSet, methods: Sequence[str], n_samples: int, batc
                 log=print) -> tuple[dict[str, Tensor], dict[str, dict[str, float]]]:
     """maps[name] = [B, K, gh, gw] on the CPU; seconds["wall" | "cpu"][name] = seconds per image (CPU = user +
     system time of all threads: on a busy machine wall time says little)."""
-    from cdam_pl.explain import registry
 
     maps, seconds, cpu = {}, {}, {}
     b = s.images.shape[0]
@@ -213,8 +217,6 @@ def deletion_fidelities(model, s: ImageSet, maps: dict[str, Tensor], steps: int,
                         batch_size: int, seed: int, n_targets: int = 1) -> dict[str, Tensor]:
     """Per method, deletion curves [B, n_targets, 2, steps+1] for the first n_targets targets (top-1 class /
     left item by default); every method's curves of a batch share the batched forwards of each step."""
-    from cdam_pl.metrics import deletion_curves
-
     names = list(maps)
     k = min(n_targets, s.targets.shape[1])
     out = {n: [] for n in names}
@@ -231,8 +233,6 @@ def deletion_fidelities(model, s: ImageSet, maps: dict[str, Tensor], steps: int,
 
 def score(s: ImageSet, maps: dict[str, Tensor], seconds: dict[str, dict[str, float]], fid_token, fid_pixel,
           steps: int) -> list[Result]:
-    from cdam_pl.explain import registry
-    from cdam_pl.metrics import ClassSensitivity, Compactness, DeletionFidelity, MaskedEvidenceShare
 
     rows = []
     for name, m in maps.items():
@@ -258,8 +258,6 @@ def score(s: ImageSet, maps: dict[str, Tensor], seconds: dict[str, dict[str, flo
 
 def tam_speed(model, images: Tensor) -> dict[str, float]:
     """Batched TAM against one forward per (image, removed token), same images, same process."""
-    from cdam_pl.explain.tam import naive_token_ablation_map, token_ablation_map
-
     bb, head = model.backbone, model.head
     targets = _top2(model, images)
     token_ablation_map(bb, head, images[:1], targets[:1])  # warm-up
@@ -299,7 +297,7 @@ def claims(rows: list[Result]) -> list[str]:
     """Where the paper's findings hold on this data and where they do not, computed from the rows of one set."""
     by = {r.method: r for r in rows}
     out = []
-    paper = ["cdam", "tam", "am", "rp"]
+    paper = ["cdam", "tam", "attention", "rp"]
     if all(m in by for m in paper):
         vals = [by[m].compactness for m in paper]
         observed = sorted(paper, key=lambda m: -by[m].compactness)  # stable: ties keep the paper's order
@@ -341,8 +339,6 @@ def claims(rows: list[Result]) -> list[str]:
 
 
 def write_csv(path: Path, rows: list[Result]) -> None:
-    from cdam_pl.io import atomic_write_text
-
     names = ["set", "method", "label", "signed", "class_specific", "n_images", "compactness", "top12_correlation",
              "evidence_in_object", "fidelity_token", "fidelity_pixel", "seconds_per_image", "cpu_seconds_per_image"]
     buf = io.StringIO()
@@ -356,19 +352,17 @@ def write_csv(path: Path, rows: list[Result]) -> None:
 def figure_grid(model, sets: list[ImageSet], maps: dict[str, dict[str, Tensor]], methods: Sequence[str],
                 per_set: int = 2) -> np.ndarray:
     """Rows = images (the first `per_set` of each set), columns = the image, then each method's map of target 0."""
-    from cdam_pl import viz
-    from cdam_pl.explain import registry
 
     dc = model.backbone.data_config
     rows, titles = [], []
     for s in sets:
         for i in range(min(per_set, s.images.shape[0])):
-            img = viz.to_uint8_image(s.images[i].cpu(), dc["mean"], dc["std"])
-            cells = [img] + [viz.overlay(img, maps[s.name][m][i, 0], q=0.01, alpha=0.65) for m in methods]
+            img = to_uint8_image(s.images[i].cpu(), dc["mean"], dc["std"])
+            cells = [img] + [overlay(img, maps[s.name][m][i, 0], q=DISPLAY_Q, alpha=0.65) for m in methods]
             rows.append(cells)
             titles.append(f"{s.name}\n{s.titles[i][:28]}")
     cols = ["image"] + [registry.get(m).label for m in methods]
-    return viz.strip(rows, titles, cols, suptitle="map of target 0 (top-1 class / left item); red = evidence for, "
+    return strip(rows, titles, cols, suptitle="map of target 0 (top-1 class / left item); red = evidence for, "
                      "blue = against; each map on its own colour scale")
 
 
@@ -402,17 +396,12 @@ def render_markdown(meta: dict, results: list[Result], speed: dict | None, sets:
 
 # --- entry point --------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
-    from cdam_pl import viz
-    from cdam_pl.checkpoint import load_checkpoint
-    from cdam_pl.explain import registry
-    from cdam_pl.io import atomic_write_text
-
     t_start, cpu_start = time.perf_counter(), time.process_time()
     sizes = dict(QUICK if args.quick else FULL)
     for key in ("fmnist", "composites", "n_samples"):
         if getattr(args, key, None) is not None:
             sizes[key] = getattr(args, key)
-    methods = [registry.get(m).name for m in args.methods.split(",")] if args.methods else registry.names()
+    methods = [m.name for m in registry.parse_methods(args.methods, note=log)] if args.methods else registry.names()
     sets_wanted = [s.strip() for s in args.sets.split(",") if s.strip()]
     bad = [s for s in sets_wanted if s not in SETS]
     if bad or not sets_wanted:
@@ -453,7 +442,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", results)
-    viz.save_png(figure_grid(model, sets, all_maps, methods), out / "grid.png")
+    save_png(figure_grid(model, sets, all_maps, methods), out / "grid.png")
     threads = torch.get_num_threads()
     meta = {
         "checkpoint": str(ckpt), "backbone": model.backbone.identity["name"],
@@ -504,8 +493,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cdam_pl.cli import run_cli
-
     def go() -> int:
         run(parse_args(argv))
         return 0

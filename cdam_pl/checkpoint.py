@@ -7,6 +7,7 @@ differs from the one the head was trained on.
 from __future__ import annotations
 
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ from torch import nn
 from cdam_pl.backbone import FrozenViT, load_backbone
 from cdam_pl.errors import CheckpointError
 from cdam_pl.heads import build_head
-from cdam_pl.module import CHECKPOINT_KEY
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEY = "cdam_pl"  # the checkpoint entry that holds cdam-pl's metadata
 
 
 @dataclass
@@ -54,7 +57,8 @@ def read_checkpoint(path: str | Path, require_cdam: bool = True) -> dict[str, An
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{p} is not a readable checkpoint ({first})") from None
     if require_cdam and (not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt):
-        raise CheckpointError(f"{p} is not a cdam-pl checkpoint (no '{CHECKPOINT_KEY}' section); train one with train.py")
+        raise CheckpointError(f"{p} is not a cdam-pl checkpoint (no '{CHECKPOINT_KEY}' section); "
+                              "train one with train.py")
     return ckpt
 
 
@@ -77,8 +81,6 @@ def load_checkpoint(path: str | Path, weights: str | None = None, device: str | 
     meta = ckpt[CHECKPOINT_KEY]
     ident = meta["backbone"]
     src = weights if weights is not None else (None if ident["weights"] == "random" else ident["weights"])
-    import warnings
-
     with warnings.catch_warnings():
         if src is None:  # a test checkpoint made on purpose with random weights: no need to warn twice
             warnings.simplefilter("ignore")
@@ -89,6 +91,7 @@ def load_checkpoint(path: str | Path, weights: str | None = None, device: str | 
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: head weights do not fit the recorded head config ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: head weights do not fit the recorded head config "
+                              f"({str(e).splitlines()[0]})") from None
     head.eval()
     return LoadedModel(backbone, head, list(meta["classes"]), dict(meta.get("config", {})), meta).to(device)

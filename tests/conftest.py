@@ -56,7 +56,7 @@ def tiny_config(out_dir, *overrides: str):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Path of a last.ckpt trained by run_training on digits with a tiny random ViT (shared by the session)."""
-    from cdam_pl.training import run_training
+    from cdam_pl.train.run import run_training
 
     out = tmp_path_factory.mktemp("tiny_run")
     with warnings.catch_warnings():

@@ -16,10 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cdam_pl.app import DemoEngine, DemoServer, HttpError, decode_image, demo_examples, main, make_server
+from cdam_pl.app import DemoEngine, DemoServer, decode_image, demo_examples, main, make_server
 from cdam_pl.checkpoint import load_checkpoint
 from cdam_pl.data import build_transform, load_image
 from cdam_pl.errors import CdamError, DataError
+from cdam_pl.errors import RequestError as HttpError  # the user errors that carry an HTTP status
 from cdam_pl.explain import CDAM
 from cdam_pl.explain.reference import naive_cdam
 

@@ -151,7 +151,7 @@ def two_class_checkpoint(tmp_path_factory):
     import warnings
 
     from cdam_pl.config import load_config
-    from cdam_pl.training import run_training
+    from cdam_pl.train.run import run_training
 
     tmp = tmp_path_factory.mktemp("two_class")
     root = _imagefolder(tmp / "data")
@@ -287,7 +287,7 @@ def test_image_unreadable_inside_a_dataloader_worker_is_still_one_line(tmp_path,
     the cheap check misses): torch wraps the error with the worker's traceback; train.py prints the original line."""
     root = _imagefolder(tmp_path / "data")
     (root / "cat" / "0.png").write_bytes(_png()[:300])
-    monkeypatch.setattr("cdam_pl.data.check_image", lambda path: None)  # the up-front check sees nothing wrong
+    monkeypatch.setattr("cdam_pl.data.datasets.check_image", lambda path: None)  # the up-front check sees nothing wrong
     rc, err = _train([*TINY, "data.name=imagefolder", f"data.root={root}", "data.num_workers=1",
                       "cache.enabled=false", f"out_dir={tmp_path / 'runs'}"], capsys)
     assert rc == 2 and len(err) == 1, err

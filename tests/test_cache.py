@@ -9,14 +9,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from cdam_pl.cache import (
-    BatchedFeatureDataset,
-    CacheIncomplete,
-    FeatureCache,
-    cache_key,
-    default_cache_root,
-)
 from cdam_pl.errors import ConfigError, DataError
+from cdam_pl.features import BatchedFeatureDataset, CacheIncomplete, FeatureCache, cache_key, default_cache_root
 from tests.conftest import tiny_backbone
 
 N, SHARD, BS = 23, 5, 2  # 5 shards (last one has 3 rows); batches of 2 inside each shard

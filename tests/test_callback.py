@@ -1,4 +1,4 @@
-"""The explanation callback (issue 4) and the plain metric functions it logs.
+"""The explanation callback and the plain metric functions it logs.
 
 Metric functions are checked against independent references (numpy formulas; token deletion through timm's own
 `forward_features` with a patch-drop module that keeps given tokens). The callback is checked end to end on tiny
@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cdam_pl.callbacks import ExplanationCallback, Snapshot
+from cdam_pl.train.callbacks import ExplanationCallback, Snapshot
 from cdam_pl.errors import ConfigError
 from cdam_pl.explain import CDAM, concept_vectors
 from cdam_pl.metrics import (
@@ -34,7 +34,7 @@ from cdam_pl.metrics import (
     num_deleted,
     random_tokens,
 )
-from cdam_pl.training import build_backbone, build_datamodule, run_training
+from cdam_pl.train.run import build_backbone, build_datamodule, run_training
 from tests.conftest import tiny_backbone, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -459,7 +459,7 @@ import json, sys, warnings
 warnings.simplefilter("ignore")
 sys.path.insert(0, {root!r})
 from tests.conftest import tiny_config
-from cdam_pl.training import run_training
+from cdam_pl.train.run import run_training
 
 if __name__ == "__main__":
     result = run_training(tiny_config({out!r}, "explain.enabled=true", "explain.num_images=2",

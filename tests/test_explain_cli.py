@@ -17,9 +17,10 @@ from PIL import Image
 
 import explain
 from cdam_pl import report
+from cdam_pl.explain import registry
 from cdam_pl.checkpoint import load_checkpoint
 from cdam_pl.data import build_transform, load_image
-from cdam_pl.errors import ConfigError
+from cdam_pl.errors import CdamError, ConfigError
 from cdam_pl.explain import CDAM, concept_vectors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -348,19 +349,21 @@ def test_keep_aspect_size():
 
 
 def test_registered_methods_plug_in(tiny_checkpoint, model, tmp_path, capsys):
-    """A method in the comparison methods' convention (backbone, head, images, targets, **params) and a
-    class-agnostic one run without changes to the CLI; CLI options reach the parameters they name."""
+    """A method registered in the one registry (backbone, head, images, targets, **params) and a class-agnostic
+    one run without changes to the CLI; CLI options reach the parameters they name."""
 
     def patch_mean(backbone, head, images, targets, n_samples=7, scale=2.0, seed=0):
         """Toy: first channel's patch means times (class + 1) * scale + seed."""
         pooled = F.avg_pool2d(images[:, :1], backbone.patch_size)  # [B, 1, gh, gw]
         return pooled * (targets[:, :, None, None] + 1) * scale + seed + 0 * n_samples
 
-    def brightness(cdam, images, targets):
-        return F.avg_pool2d(images.mean(1, keepdim=True), cdam.backbone.patch_size)  # [B, 1, gh, gw]
+    def brightness(backbone, head, images, targets):
+        """Toy: mean brightness of each patch, the same for every target."""
+        m = F.avg_pool2d(images.mean(1, keepdim=True), backbone.patch_size)  # [B, 1, gh, gw]
+        return m.expand(-1, targets.shape[1], -1, -1)
 
-    report.register_method("patchmean", patch_mean)
-    report.register_method("brightness", brightness, class_agnostic=True)
+    registry.register_method("patchmean")(patch_mean)
+    registry.register_method("brightness", class_specific=False)(brightness)
     try:
         files = make_images(tmp_path / "imgs")
         rc, _, err = run([tiny_checkpoint, files["rgb"], files["wide"], "--methods", "patchmean,brightness",
@@ -379,31 +382,25 @@ def test_registered_methods_plug_in(tiny_checkpoint, model, tmp_path, capsys):
         assert params == {"patchmean": {"n_samples": 3, "scale": 2.0, "seed": 4}, "brightness": {}}
         assert m["methods"][0]["description"].startswith("Toy: first channel")
     finally:
-        report.unregister_method("patchmean")
-        report.unregister_method("brightness")
+        registry.unregister_method("patchmean")
+        registry.unregister_method("brightness")
 
 
-def test_methods_in_explain_modules_are_discovered(tmp_path, monkeypatch):
-    """A module of cdam_pl.explain that defines REPORT_METHODS is found without touching report.py."""
-    import cdam_pl.explain as pkg
-
-    (tmp_path / "toy_plugin_for_tests.py").write_text(
-        "def ones(backbone, head, images, targets, noise=0.5):\n"
-        "    '''All ones.'''\n"
-        "    return images.new_ones(images.shape[0], targets.shape[1], 2, 2)\n"
-        "REPORT_METHODS = {'ones-test': ones}\n")
-    monkeypatch.setattr(pkg, "__path__", [*pkg.__path__, str(tmp_path)])
-    monkeypatch.setattr(report, "_DISCOVERED", False)
-    try:
-        methods = report.available_methods()
-        assert "ones-test" in methods and methods["ones-test"].takes_backbone
-        assert methods["ones-test"].params({"noise": None, "seed": 0}) == {"noise": 0.5}
-        assert methods["ones-test"].params({"noise": 0.1, "seed": 0}) == {"noise": 0.1}
-        assert {"cdam", "smooth", "integrated", "attention"} <= set(methods)
-        assert [m.name for m in report.parse_methods("ones-test,cdam")] == ["ones-test", "cdam"]
-    finally:
-        report.unregister_method("ones-test")
-        sys.modules.pop("cdam_pl.explain.toy_plugin_for_tests", None)
+def test_one_registry_serves_explain_py(tmp_path, capsys):
+    """explain.py lists and runs exactly the registry's methods, by their canonical names; old spellings are
+    aliases that say the canonical name."""
+    assert [m.name for m in registry.parse_methods("cdam,smooth,integrated,attention")] == \
+        ["cdam", "smooth", "integrated", "attention"]
+    notes = []
+    assert [m.name for m in registry.parse_methods("smooth_cdam,am", note=notes.append)] == ["smooth", "attention"]
+    assert notes == ["method 'smooth_cdam' is called 'smooth'", "method 'am' is called 'attention'"]
+    with pytest.raises(CdamError, match="unknown method 'ones'"):
+        registry.parse_methods("ones")
+    assert registry.get("ixg").params() == {} and registry.get("ig").params(n_steps=5)["n_steps"] == 5
+    with pytest.raises(CdamError, match="has no parameter 'noise'"):
+        registry.get("cdam").params(noise=0.1)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_method("cdam")(lambda backbone, head, images, targets: images)
 
 
 def test_help_documents_every_option(capsys):
@@ -417,7 +414,7 @@ def test_help_documents_every_option(capsys):
     assert "examples:" in text and "python explain.py" in text
     for key in report.MAPS_LAYOUT:
         assert key in text
-    for name in ("cdam", "smooth", "integrated", "attention"):
+    for name in registry.names():
         assert re.search(rf"^  {name} +\S", text, re.M)
 
 
@@ -522,6 +519,6 @@ def test_subprocess_exit_status_and_one_line_stderr(tiny_checkpoint, tmp_path):
 
 def test_serve_and_missing_inputs_are_wired(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     calls = []
-    monkeypatch.setattr("cdam_pl.app.serve", lambda ckpt, port, **kw: calls.append((ckpt, port, kw)) or 0)
+    monkeypatch.setattr("cdam_pl.report.cli.serve", lambda ckpt, port, **kw: calls.append((ckpt, port, kw)) or 0)
     code, _, _ = run([tiny_checkpoint, "--serve", "--port", "8123"], capsys)
     assert code == 0 and calls == [(tiny_checkpoint, 8123, {"weights": None, "device": "cpu"})]

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,10 +14,16 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from cdam_pl.cache import CacheIncomplete, FeatureCache, cache_key
 from cdam_pl.errors import ConfigError, DataError
-from cdam_pl.extract import CacheShardWriter, FeatureExtraction, ShardedExtractionData, extract_features
-from tests.conftest import tiny_backbone, tiny_config
+from cdam_pl.features import (
+    CacheIncomplete,
+    CacheShardWriter,
+    FeatureCache,
+    ShardedExtractionData,
+    cache_key,
+    extract_features,
+)
+from tests.conftest import tiny_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 N, SHARD, BS = 23, 5, 2  # 5 shards (the last has 3 rows), batches of 2 inside each shard
@@ -173,7 +178,7 @@ import json, sys, warnings
 warnings.simplefilter("ignore")
 sys.path.insert(0, {root!r})
 from tests.conftest import tiny_config
-from cdam_pl.training import run_training
+from cdam_pl.train.run import run_training
 
 if __name__ == "__main__":
     result = run_training(tiny_config({out!r}, "cache.enabled=true", "trainer.strategy=ddp", "trainer.devices=2",

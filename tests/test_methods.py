@@ -12,7 +12,7 @@ from torch import nn
 
 from cdam_pl.errors import CdamError
 from cdam_pl.explain import CDAM, attention_maps, registry
-from cdam_pl.explain.common import pool_to_grid
+from cdam_pl.explain._vit import pool_to_grid
 from cdam_pl.explain.input_space import input_x_gradient, integrated_gradients, smoothgrad
 from cdam_pl.explain.rp import recording_attention, relevance_propagation
 from cdam_pl.explain.tam import naive_token_ablation_map, token_ablation_map
@@ -179,11 +179,11 @@ def test_registry_engine_entries_are_the_engine():
     assert torch.equal(registry.get("cdam")(bb, head, images, TARGETS), cdam.class_maps(images, TARGETS))
     g = torch.Generator().manual_seed(5)
     ref = cdam.class_maps(images, TARGETS, variant="smooth", n_samples=4, noise=0.05, generator=g)
-    got = registry.get("smooth_cdam")(bb, head, images, TARGETS, n_samples=4, seed=5)
+    got = registry.get("smooth")(bb, head, images, TARGETS, n_samples=4, seed=5)
     assert torch.equal(got, ref)
     ref = cdam.class_maps(images, TARGETS, variant="integrated", n_steps=6)
-    assert torch.equal(registry.get("integrated_cdam")(bb, head, images, TARGETS, n_steps=6), ref)
-    am = registry.get("am")(bb, head, images, TARGETS)
+    assert torch.equal(registry.get("integrated")(bb, head, images, TARGETS, n_steps=6), ref)
+    am = registry.get("attention")(bb, head, images, TARGETS)
     assert am.shape == (2, 2, *bb.grid_size(*images.shape[-2:]))
     assert torch.equal(am[:, 0], attention_maps(bb, images).mean(1)) and torch.equal(am[:, 0], am[:, 1])
 
@@ -191,10 +191,9 @@ def test_registry_engine_entries_are_the_engine():
 def test_every_method_has_the_uniform_signature_and_shape():
     bb, head, images = setup("p8", dtype=torch.float32)
     gh, gw = bb.grid_size(*images.shape[-2:])
-    fast = {"smooth_cdam": {"n_samples": 2}, "integrated_cdam": {"n_steps": 3}, "ig": {"n_steps": 3},
+    fast = {"smooth": {"n_samples": 2}, "integrated": {"n_steps": 3}, "ig": {"n_steps": 3},
             "smoothgrad": {"n_samples": 2}}
-    assert registry.names() == ["cdam", "smooth_cdam", "integrated_cdam", "am", "rp", "tam", "ig", "smoothgrad",
-                                "ixg"]
+    assert registry.names() == ["cdam", "smooth", "integrated", "attention", "rp", "tam", "ig", "smoothgrad", "ixg"]
     with torch.inference_mode():  # callers inside validation loops
         for name in registry.names():
             m = registry.get(name)
@@ -208,11 +207,36 @@ def test_every_method_has_the_uniform_signature_and_shape():
             assert torch.allclose(same[0], maps[0], atol=1e-6), name
 
 
+def test_each_method_carries_its_facts():
+    """What explain.py, the benchmark and the web demo read from the registry."""
+    m = {n: registry.get(n) for n in registry.names()}
+    assert m["smooth"].defaults == {"n_samples": 50, "noise": 0.05, "seed": 0} and m["smooth"].samples == "n_samples"
+    assert m["integrated"].defaults == {"n_steps": 50, "noise": 0.0, "seed": 0} and m["integrated"].samples == "n_steps"
+    assert m["ig"].defaults == {"n_steps": 50, "baseline": 0.0} and m["ig"].samples == "n_steps"
+    assert m["smoothgrad"].defaults == {"n_samples": 50, "noise": 0.15, "seed": 0}
+    assert [n for n, x in m.items() if x.takes_concepts] == ["cdam", "smooth", "integrated"]
+    assert [n for n, x in m.items() if not x.signed] == ["attention", "rp"]
+    assert [n for n, x in m.items() if not x.class_specific] == ["attention"]
+    assert {n: x.variant for n, x in m.items() if x.variant} == {"cdam": "vanilla", "smooth": "smooth",
+                                                                 "integrated": "integrated"}
+    assert m["smooth"].params(n_samples=None, noise=0.1) == {"n_samples": 50, "noise": 0.1, "seed": 0}
+    kw = m["smooth"].kwargs(m["smooth"].params(seed=3), "cpu")
+    assert set(kw) == {"n_samples", "noise", "generator"}
+    expected = torch.randn(4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.randn(4, generator=kw["generator"]), expected)
+    assert m["smoothgrad"].kwargs(m["smoothgrad"].params(seed=3), "cpu")["seed"] == 3  # captum's own forked RNG
+
+
 def test_registry_errors_are_one_line_and_helpful():
     bb, head, images = setup("p16", dtype=torch.float32)
     with pytest.raises(CdamError, match="did you mean tam"):
         registry.get("tma")
-    assert registry.get("Smooth-CDAM").name == "smooth_cdam"
+    assert registry.get("Smooth-CDAM").name == "smooth"  # old spellings are aliases of the canonical names
+    assert [registry.get(a).name for a in ("smooth_cdam", "integrated_cdam", "am")] == ["smooth", "integrated",
+                                                                                         "attention"]
+    notes = []
+    assert [m.name for m in registry.parse_methods("am,cdam,attention", note=notes.append)] == ["attention", "cdam"]
+    assert notes == ["method 'am' is called 'attention'"]
     with pytest.raises(CdamError, match="has no parameter 'n_step'.*n_steps"):
         registry.get("ig")(bb, head, images, TARGETS, n_step=3)
     for name in ("tam", "rp", "ixg", "cdam"):
@@ -247,7 +271,7 @@ def test_benchmark_quick_end_to_end(tiny_checkpoint, tmp_path):
         assert math.isnan(seconds) if r["method"] == CONTROL else seconds > 0
         share = float(r["evidence_in_object"])
         assert (0.0 <= share <= 1.0) if r["set"] == "composites" else math.isnan(share)
-        if r["method"] == "am":
+        if r["method"] == "attention":
             assert float(r["top12_correlation"]) == pytest.approx(1.0)  # class-agnostic by construction
     md = (out / "results.md").read_text()
     for label in [registry.get(n).label for n in registry.names()]:

@@ -24,11 +24,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-from cdam_pl.cache import FeatureCache
+from cdam_pl.features.cache import FeatureCache
 from cdam_pl.checkpoint import load_checkpoint, read_checkpoint
 from cdam_pl.errors import CdamError, CheckpointError
-from cdam_pl.io import AtomicCheckpointIO
-from cdam_pl.training import run_training
+from cdam_pl.train.atomic import AtomicCheckpointIO
+from cdam_pl.train.run import run_training
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,8 +147,8 @@ def test_failed_save_on_stop_is_one_line(cache_dir, tmp_path, monkeypatch):
 def test_sigterm_during_feature_extraction_keeps_finished_shards_and_the_rerun_resumes(tmp_path, monkeypatch):
     """Before training there is nothing to save: a SIGTERM stops at once with one line; the shards already written
     stay, and the next run extracts only the rest (Lightning alone would note the signal and carry on)."""
-    import cdam_pl.extract as extract
-    from cdam_pl.training import build_backbone, build_datamodule
+    import cdam_pl.features.extract as extract
+    from cdam_pl.train.run import build_backbone, build_datamodule
 
     monkeypatch.setattr(extract, "extract_features", functools.partial(extract.extract_features, shard_size=64))
     seen: list[int] = []
@@ -273,8 +273,8 @@ import functools, json, os, signal, sys, warnings
 warnings.simplefilter("ignore")
 sys.path.insert(0, {root!r})
 from lightning.pytorch.callbacks import Callback
-import cdam_pl.extract as extract
-import cdam_pl.training as training
+import cdam_pl.features.extract as extract
+import cdam_pl.train.run as training
 import train
 
 OUT, KILL_STEP = sys.argv[1], int(sys.argv[2])
@@ -433,7 +433,7 @@ def test_failed_hparams_write_leaves_no_partial_file(tmp_path, monkeypatch):
     """TensorBoard's hparams.yaml: a writer that dies half-way leaves no hparams.yaml and no temp file."""
     import lightning.pytorch.core.saving as saving
 
-    from cdam_pl.io import AtomicTensorBoardLogger
+    from cdam_pl.train.atomic import AtomicTensorBoardLogger
 
     logger = AtomicTensorBoardLogger(save_dir=tmp_path, name="run", version=0)
     logger.log_hyperparams({"lr": 0.1, "head": "linear"})
@@ -461,7 +461,7 @@ def _train_split_cache(cache: Path) -> tuple[Path, dict]:
 
 @pytest.mark.parametrize("damage", ["truncate", "flip-byte"])
 def test_damaged_cache_shard_is_detected_and_rebuilt_by_training(tmp_path, monkeypatch, damage):
-    from cdam_pl.extract import FeatureExtraction
+    from cdam_pl.features.extract import FeatureExtraction
 
     first = _train(tmp_path, *SMALL, "trainer.max_epochs=1")
     directory, header = _train_split_cache(tmp_path / "cache")

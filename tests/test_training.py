@@ -10,7 +10,7 @@ import torch
 from cdam_pl.checkpoint import load_checkpoint, read_checkpoint
 from cdam_pl.config import load_config
 from cdam_pl.errors import CheckpointError, ConfigError
-from cdam_pl.training import build_backbone, run_training
+from cdam_pl.train.run import build_backbone, run_training
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,8 @@
 """Class-discriminative attention maps (CDAM): the one implementation every part of cdam-pl calls.
 
-Definition (method.md): T = output of `blocks[-1].norm1`, S_i = sum_j T_ij * df/dT_ij for every patch token i,
-f a raw class logit or a concept similarity, prefix tokens dropped, sign kept, reshaped to the (gh, gw) grid.
+Definition (Brocki, Binda and Chung, TMLR 2024): T = output of `blocks[-1].norm1`, S_i = sum_j T_ij * df/dT_ij
+for every patch token i, f a raw class logit or a concept similarity, prefix tokens dropped, sign kept, reshaped
+to the (gh, gw) grid.
 
 How it is computed, exactly and cheaply:
 - The blocks before the last run once without autograd; the result z is the last block's input.
@@ -19,9 +20,8 @@ How it is computed, exactly and cheaply:
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +29,18 @@ from torch import Tensor, nn
 
 from cdam_pl.backbone import FrozenViT
 from cdam_pl.errors import CdamError
+from cdam_pl.explain._vit import LastBlock, as_targets, check_range, explaining, plain
+from cdam_pl.explain.registry import register_method
 
 Targets = Union[Sequence[int], Tensor, Callable[[Tensor], Tensor], None]
 VARIANTS = ("vanilla", "smooth", "integrated")
 SIMILARITIES = ("dot", "cosine")
 # Upper bound on float elements held by one chunk's gradients (~1 GiB in float32).
 DEFAULT_MAX_ELEMENTS = 2**28
+N_SAMPLES = 50  # Smooth CDAM: noisy copies of the last block's input
+N_STEPS = 50  # Integrated CDAM: steps of the path from zero to the last block's input
+SMOOTH_NOISE = 0.05  # Smooth CDAM: sigma as a fraction of each image's range of the last block's input
+INTEGRATED_NOISE = 0.0  # Integrated CDAM: no noise on the path by default
 
 
 @dataclass
@@ -49,60 +55,10 @@ class Explanation:
     concept_maps: Tensor | None  # [B, M, gh, gw] signed CDAM of each concept similarity
     attention: Tensor | None  # [B, heads, gh, gw] last-block attention of the CLS query to each patch
 
-
-@contextmanager
-def _explaining(*modules: nn.Module) -> Iterator[None]:
-    """Eval mode and autograd on (even inside no_grad/inference_mode); flags restored afterwards."""
-    modes = [(m, m.training) for m in modules]
-    try:
-        for m in modules:
-            m.eval()
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        for m, was_training in modes:
-            m.train(was_training)
-
-
-def _plain(t: Tensor) -> Tensor:
-    """A normal tensor usable in autograd, also when `t` was created under inference_mode."""
-    return t.clone() if t.is_inference() else t
-
-
-class _LastBlock:
-    """The last block, final norm and a score function, evaluated for the CLS query only."""
-
-    def __init__(self, backbone: FrozenViT):
-        m = backbone.model
-        self.block = m.blocks[-1]
-        self.attn = self.block.attn
-        self.final_norm = m.norm
-        self.num_prefix = backbone.num_prefix_tokens
-
-    def projections(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Bias-free q (CLS only), k, v projections of T = norm1(z); no autograd. Shapes [B,1,A], [B,T,A], [B,T,A]."""
-        with torch.no_grad():
-            t = self.block.norm1(z)  # [B, T, D]
-            w_q, w_k, w_v = self.attn.qkv.weight.chunk(3, dim=0)
-            return F.linear(t[:, :1], w_q), F.linear(t, w_k), F.linear(t, w_v)
-
-    def _heads(self, x: Tensor) -> Tensor:  # [B, T, A] -> [B, heads, T, head_dim]
-        b, t, _ = x.shape
-        return x.view(b, t, self.attn.num_heads, self.attn.head_dim).transpose(1, 2)
-
-    def forward(self, z: Tensor, q_lin: Tensor, k_lin: Tensor, v_lin: Tensor) -> tuple[Tensor, Tensor]:
-        """-> (embedding [B, D], CLS attention probabilities [B, heads, T])."""
-        attn = self.attn
-        bias = attn.qkv.bias
-        b_q, b_k, b_v = bias.chunk(3) if bias is not None else (0.0, 0.0, 0.0)
-        q = attn.q_norm(self._heads(q_lin + b_q))  # [B, h, 1, dh]
-        k = attn.k_norm(self._heads(k_lin + b_k))  # [B, h, T, dh]
-        v = self._heads(v_lin + b_v)
-        probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, h, 1, T]
-        out = (probs @ v).transpose(1, 2).reshape(z.shape[0], 1, attn.attn_dim)  # [B, 1, A]
-        x = z[:, :1] + self.block.ls1(attn.proj(attn.norm(out)))  # [B, 1, D]
-        x = x + self.block.ls2(self.block.mlp(self.block.norm2(x)))
-        return self.final_norm(x)[:, 0], probs[:, :, 0]
+    @property
+    def maps(self) -> Tensor:
+        """Class maps, then concept maps: [B, K + M, gh, gw]."""
+        return torch.cat([m for m in (self.class_maps, self.concept_maps) if m is not None], dim=1)
 
 
 def concept_scores(embeddings: Tensor, vectors: Tensor, similarity: str = "dot") -> Tensor:
@@ -126,7 +82,7 @@ class CDAM:
         self.backbone = backbone
         self.head = head if head is not None else nn.Identity()
         self.max_elements = int(max_elements)
-        self._last = _LastBlock(backbone)
+        self._last = LastBlock(backbone)
 
     # --- public API --------------------------------------------------------------------------------------------
     def class_maps(self, images: Tensor, targets: Targets, **kwargs) -> Tensor:
@@ -145,27 +101,28 @@ class CDAM:
         similarity: str = "dot",
         attention: bool = False,
         variant: str = "vanilla",
-        n_samples: int = 50,
+        n_samples: int = N_SAMPLES,
         noise: float | None = None,
-        n_steps: int = 50,
+        n_steps: int = N_STEPS,
         generator: torch.Generator | None = None,
     ) -> Explanation:
         """Class maps, concept maps and (optionally) attention maps of a batch from one forward pass.
 
         targets: list[int] (same for every image), LongTensor [B, K] or [B], or a callable logits [B, C] -> [B, K]
         (e.g. top-k or predicted class, chosen on the same forward). concepts: [M, D] concept vectors.
-        variant: "vanilla"; "smooth" (n_samples noisy copies of z, noise = lambda, default 0.05); "integrated"
-        (z scaled by k/n_steps for k = 1..n_steps-1, optional noise, default 0). Sample k's noise is the k-th
-        draw of shape [B, P+N, D] from `generator`, times sigma = noise * (max(z_b) - min(z_b)) per image.
+        variant: "vanilla"; "smooth" (n_samples noisy copies of z, noise = lambda, default SMOOTH_NOISE);
+        "integrated" (z scaled by k/n_steps for k = 1..n_steps-1, optional noise, default INTEGRATED_NOISE).
+        Sample k's noise is the k-th draw of shape [B, P+N, D] from `generator`, times
+        sigma = noise * (max(z_b) - min(z_b)) per image.
         """
         if variant not in VARIANTS:
             raise CdamError(f"unknown CDAM variant {variant!r}; choose one of {', '.join(VARIANTS)}")
         if similarity not in SIMILARITIES:
             raise CdamError(f"unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}")
         gh, gw = self.backbone.check_images(images)
-        with _explaining(self.backbone, self.head):
-            images = _plain(images)
-            vectors = None if concepts is None else self._check_concepts(_plain(concepts), images)
+        with explaining(self.backbone, self.head):
+            images = plain(images)
+            vectors = None if concepts is None else self._check_concepts(plain(concepts), images)
             z = self.backbone.last_block_input(images)  # [B, P+N, D], no autograd
             q_lin, k_lin, v_lin = self._last.projections(z)
             with torch.no_grad():
@@ -199,28 +156,15 @@ class CDAM:
             )
         return vectors.to(device=images.device, dtype=images.dtype)
 
-    def _resolve_targets(self, targets: Targets, logits: Tensor) -> Tensor | None:
-        """Normalise targets to a LongTensor [B, K] on the logits' device, with a clear error when out of range."""
+    @staticmethod
+    def _resolve_targets(targets: Targets, logits: Tensor) -> Tensor | None:
+        """Targets (a callable is applied to the logits) -> LongTensor [B, K] on the logits' device, checked
+        against the head's classes."""
         if targets is None:
             return None
-        b, c = logits.shape
-        if callable(targets):
-            targets = targets(logits)
-        if isinstance(targets, Tensor):
-            idx = targets.to(device=logits.device, dtype=torch.long)
-            if idx.ndim == 1:
-                idx = idx[:, None]
-            if idx.ndim != 2 or idx.shape[0] != b:
-                raise CdamError(f"targets tensor must be [B={b}, K] or [B], got {tuple(targets.shape)}")
-        else:
-            idx = torch.as_tensor(list(targets), dtype=torch.long, device=logits.device)
-            if idx.ndim != 1:
-                raise CdamError("targets must be a list of class indices, a LongTensor [B, K] or a callable")
-            idx = idx.expand(b, -1)
-        if idx.numel() and (idx.min() < 0 or idx.max() >= c):
-            bad = idx[(idx < 0) | (idx >= c)][0].item()
-            raise CdamError(f"target class index {bad} is out of range: the head has {c} classes (0..{c - 1})")
-        return _plain(idx)  # targets built under inference_mode (e.g. topk in a validation step) stay usable
+        idx = as_targets(targets(logits) if callable(targets) else targets, logits.shape[0], logits.device)
+        check_range(idx, logits.shape[1])
+        return idx
 
     def _maps(self, z, proj, idx, vectors, similarity, variant, n_samples, noise, n_steps, generator) -> Tensor:
         """Token scores [B, K+M, P+N] (prefix tokens dropped later), averaged over samples for smooth/integrated."""
@@ -228,10 +172,10 @@ class CDAM:
             return self._scores(z, proj, idx, vectors, similarity)[..., self.backbone.num_prefix_tokens:]
         if variant == "smooth":
             scales = torch.ones(n_samples)
-            lam = 0.05 if noise is None else float(noise)
+            lam = SMOOTH_NOISE if noise is None else float(noise)
         else:
             scales = torch.arange(1, n_steps) / n_steps
-            lam = 0.0 if noise is None else float(noise)
+            lam = INTEGRATED_NOISE if noise is None else float(noise)
         if len(scales) < 1:
             raise CdamError(f"{variant} CDAM needs n_samples >= 1 / n_steps >= 2")
         b, t, d = z.shape
@@ -284,14 +228,6 @@ class CDAM:
         return torch.cat(scores).permute(1, 0, 2)  # [B, K+M, T]
 
 
-def attention_maps(backbone: FrozenViT, images: Tensor) -> Tensor:
-    """Class-agnostic attention map: last block, CLS query -> each patch token, per head: [B, heads, gh, gw].
-
-    Computed from q and k of the last block (timm's fused attention never materialises the probabilities).
-    """
-    return CDAM(backbone).explain(images, attention=True).attention
-
-
 @torch.no_grad()
 def concept_vectors(
     backbone: FrozenViT, examples: Mapping[str, Tensor | Sequence[Tensor]], batch_size: int = 32
@@ -315,3 +251,31 @@ def concept_vectors(
         names.append(name)
         vectors.append(torch.cat(embs).mean(0))
     return names, torch.stack(vectors)
+
+
+# --- the engine's methods in the registry -------------------------------------------------------------------------
+@register_method("cdam", label="CDAM", takes_concepts=True, variant="vanilla", from_explanation=lambda ex: ex.maps)
+def cdam_maps(backbone: FrozenViT, head: nn.Module | None, images: Tensor, targets: Targets, *,
+              concepts: Tensor | None = None, similarity: str = "dot") -> Tensor:
+    """vanilla CDAM: signed gradient x token at the last attention layer's input"""
+    return CDAM(backbone, head).explain(images, targets=targets, concepts=concepts, similarity=similarity).maps
+
+
+@register_method("smooth", label="Smooth CDAM", takes_concepts=True, variant="smooth", samples="n_samples",
+                 aliases=("smooth_cdam",))
+def smooth_cdam_maps(backbone: FrozenViT, head: nn.Module | None, images: Tensor, targets: Targets, *,
+                     concepts: Tensor | None = None, similarity: str = "dot", n_samples: int = N_SAMPLES,
+                     noise: float = SMOOTH_NOISE, generator: torch.Generator | None = None) -> Tensor:
+    """Smooth CDAM: mean CDAM over n_samples noisy copies of the last block's input (sigma = noise * range)"""
+    return CDAM(backbone, head).explain(images, targets=targets, concepts=concepts, similarity=similarity,
+                                        variant="smooth", n_samples=n_samples, noise=noise, generator=generator).maps
+
+
+@register_method("integrated", label="Integrated CDAM", takes_concepts=True, variant="integrated",
+                 samples="n_steps", aliases=("integrated_cdam",))
+def integrated_cdam_maps(backbone: FrozenViT, head: nn.Module | None, images: Tensor, targets: Targets, *,
+                         concepts: Tensor | None = None, similarity: str = "dot", n_steps: int = N_STEPS,
+                         noise: float = INTEGRATED_NOISE, generator: torch.Generator | None = None) -> Tensor:
+    """Integrated CDAM: mean CDAM along the path 0 -> last block input (k/n_steps, k = 1..n_steps-1)"""
+    return CDAM(backbone, head).explain(images, targets=targets, concepts=concepts, similarity=similarity,
+                                        variant="integrated", n_steps=n_steps, noise=noise, generator=generator).maps

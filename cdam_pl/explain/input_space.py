@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from cdam_pl.backbone import FrozenViT
 from cdam_pl.errors import CdamError
-from cdam_pl.explain.cdam import _explaining, _plain
-from cdam_pl.explain.common import TargetsLike, as_targets, check_range, head_or_identity, pool_to_grid
+from cdam_pl.explain._vit import TargetsLike, as_targets, check_range, explaining, head_or_identity, plain, pool_to_grid
+from cdam_pl.explain.registry import register_method
 
 
 def _captum():
@@ -47,6 +47,8 @@ def _prepare(backbone, head, images, targets):
     return model, idx
 
 
+@register_method("ig", label="IG", samples="n_steps", tunable=("n_steps", "baseline"),
+                 description="captum Integrated Gradients, zero baseline, pooled to tokens")
 def integrated_gradients(
     backbone: FrozenViT,
     head: nn.Module | None,
@@ -62,8 +64,8 @@ def integrated_gradients(
     Token scores sum to f(x) - f(baseline) up to the convergence delta (completeness).
     """
     attr = _captum()
-    with _explaining(backbone, head_or_identity(head)):
-        images = _plain(images)
+    with explaining(backbone, head_or_identity(head)):
+        images = plain(images)
         model, idx = _prepare(backbone, head, images, targets)
         ig = attr.IntegratedGradients(model)
         maps, deltas = [], []
@@ -76,6 +78,8 @@ def integrated_gradients(
     return (out, torch.stack(deltas, 1)) if return_delta else out
 
 
+@register_method("smoothgrad", label="SmoothGrad", samples="n_samples", tunable=("n_samples", "noise", "seed"),
+                 description="captum NoiseTunnel(Saliency), signed, sigma = 0.15 * range, pooled to tokens")
 def smoothgrad(
     backbone: FrozenViT,
     head: nn.Module | None,
@@ -92,8 +96,8 @@ def smoothgrad(
     The noise comes from a seeded, forked RNG: same seed, same map, global RNG untouched.
     """
     attr = _captum()
-    with _explaining(backbone, head_or_identity(head)):
-        images = _plain(images)
+    with explaining(backbone, head_or_identity(head)):
+        images = plain(images)
         model, idx = _prepare(backbone, head, images, targets)
         nt = attr.NoiseTunnel(attr.Saliency(model))
         k = idx.shape[1]
@@ -110,11 +114,12 @@ def smoothgrad(
     return torch.stack(maps).float()
 
 
+@register_method("ixg", label="IxG", description="captum Input x Gradient, pooled to tokens")
 def input_x_gradient(backbone: FrozenViT, head: nn.Module | None, images: Tensor, targets: TargetsLike) -> Tensor:
     """captum InputXGradient per target -> [B, K, gh, gw], signed."""
     attr = _captum()
-    with _explaining(backbone, head_or_identity(head)):
-        images = _plain(images)
+    with explaining(backbone, head_or_identity(head)):
+        images = plain(images)
         model, idx = _prepare(backbone, head, images, targets)
         images = images.detach().requires_grad_()  # a new leaf: captum would otherwise warn and set it
         ixg = attr.InputXGradient(model)

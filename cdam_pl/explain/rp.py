@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from cdam_pl.backbone import FrozenViT
 from cdam_pl.errors import CdamError
-from cdam_pl.explain.cdam import _explaining, _plain
-from cdam_pl.explain.common import TargetsLike, as_targets, check_range, head_or_identity
+from cdam_pl.explain._vit import TargetsLike, as_targets, check_range, explaining, head_or_identity, plain
+from cdam_pl.explain.registry import register_method
 
 
 def _manual_forward(attn: nn.Module, store: list[Tensor]):
@@ -79,6 +79,8 @@ def rollout(probs: list[Tensor], grads: list[Tensor], num_prefix: int) -> Tensor
     return r[..., 0, num_prefix:]
 
 
+@register_method("rp", label="RP", signed=False,
+                 description="relevance propagation (Chefer et al. 2021) over all blocks")
 def relevance_propagation(
     backbone: FrozenViT, head: nn.Module | None, images: Tensor, targets: TargetsLike
 ) -> Tensor:
@@ -86,8 +88,8 @@ def relevance_propagation(
     gh, gw = backbone.check_images(images)
     head = head_or_identity(head)
     idx = as_targets(targets, images.shape[0], images.device)
-    with _explaining(backbone, head), recording_attention(backbone) as probs:
-        x = _plain(images).detach().requires_grad_()  # puts A in the graph; autograd.grad stops at A
+    with explaining(backbone, head), recording_attention(backbone) as probs:
+        x = plain(images).detach().requires_grad_()  # puts A in the graph; autograd.grad stops at A
         logits = head(backbone(x))  # [B, C]
         check_range(idx, logits.shape[1])
         out = logits.gather(1, idx)  # [B, K]

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from cdam_pl.backbone import FrozenViT
-from cdam_pl.explain.cdam import _explaining, _LastBlock, _plain
-from cdam_pl.explain.common import TargetsLike, as_targets, check_range, head_or_identity
+from cdam_pl.explain._vit import LastBlock, TargetsLike, as_targets, check_range, explaining, head_or_identity, plain
+from cdam_pl.explain.registry import register_method
 
 # Upper bound on float elements of one chunk's largest activations (~32 MiB in float32): a chunk's MLP activations
 # stay near the CPU caches; 4x larger chunks measured ~8% slower on 2 cores and no faster on 1 image.
@@ -23,10 +23,10 @@ DEFAULT_MAX_ELEMENTS = 2**23
 def sequence_logits(backbone: FrozenViT, head: nn.Module, tokens: Tensor) -> Tensor:
     """Logits of token sequences that already went through the embedding: [S, T', D] -> [S, C], no autograd.
 
-    The head reads only the CLS token, so the last block runs for the CLS query alone (the engine's `_LastBlock`:
+    The head reads only the CLS token, so the last block runs for the CLS query alone (the engine's `LastBlock`:
     keys and values from every token); same numbers as the full forward, ~6% less work for a ViT-S/12.
     """
-    last = _LastBlock(backbone)
+    last = LastBlock(backbone)
     with torch.no_grad():
         z = backbone.run_blocks(tokens, 0, -1)  # [S, T', D]
         emb, _ = last.forward(z, *last.projections(z))  # [S, D]
@@ -41,6 +41,8 @@ def keep_indices(num_prefix: int, num_patches: int, device: torch.device | str =
     return full[full != drop[:, None]].view(num_patches, t - 1)
 
 
+@register_method("tam", label="TAM",
+                 description="f(x) - f(x without token i), tokens removed before the first block")
 def token_ablation_map(
     backbone: FrozenViT,
     head: nn.Module | None,
@@ -57,8 +59,8 @@ def token_ablation_map(
     head = head_or_identity(head)
     b = images.shape[0]
     idx = as_targets(targets, b, images.device)
-    with _explaining(backbone, head), torch.no_grad():
-        tokens = backbone.embed(_plain(images))  # [B, P+N, D]
+    with explaining(backbone, head), torch.no_grad():
+        tokens = backbone.embed(plain(images))  # [B, P+N, D]
         _, t, d = tokens.shape
         p = backbone.num_prefix_tokens
         n = t - p
@@ -91,9 +93,9 @@ def naive_token_ablation_map(backbone: FrozenViT, head: nn.Module | None, images
     idx = as_targets(targets, images.shape[0], images.device)
     p = backbone.num_prefix_tokens
     out = []
-    with _explaining(backbone, head), torch.no_grad():
+    with explaining(backbone, head), torch.no_grad():
         for b in range(images.shape[0]):
-            tok = backbone.embed(_plain(images[b:b + 1]))  # [1, P+N, D]
+            tok = backbone.embed(plain(images[b:b + 1]))  # [1, P+N, D]
             full = sequence_logits(backbone, head, tok)[0, idx[b]]  # [K]
             out.append(torch.stack([full - sequence_logits(
                 backbone, head, torch.cat([tok[:, :p + i], tok[:, p + i + 1:]], 1))[0, idx[b]]

@@ -20,44 +20,39 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from omegaconf import DictConfig, OmegaConf
 
 from cdam_pl.backbone import FrozenViT, load_backbone
+from cdam_pl.checkpoint import CHECKPOINT_KEY, check_backbone_matches, read_checkpoint
 from cdam_pl.config import to_container
-from cdam_pl.data import ImageDataModule
+from cdam_pl.data.datamodule import ImageDataModule
 from cdam_pl.errors import CdamError, ConfigError
-from cdam_pl.io import AtomicCheckpointIO, AtomicTensorBoardLogger, atomic_write_text
-from cdam_pl.module import CHECKPOINT_KEY, HeadClassifier
-from cdam_pl.signals import FiniteLossGuard, GracefulStop, RestoreLoaderState, TrainingStopped, stop_now_on_signal
+from cdam_pl.features import extract  # extract.extract_features is looked up at call time (tests replace it)
+from cdam_pl.features.cache import cache_key, default_cache_root
+from cdam_pl.io import atomic_write_text
+from cdam_pl.train.atomic import AtomicCheckpointIO, AtomicTensorBoardLogger
+from cdam_pl.train.callbacks import ExplanationCallback
+from cdam_pl.train.module import HeadClassifier
+from cdam_pl.train.signals import FiniteLossGuard, GracefulStop, RestoreLoaderState, TrainingStopped, stop_now_on_signal
 
 
 def build_backbone(cfg: DictConfig) -> FrozenViT:
     b = cfg.backbone
-    size = b.img_size if isinstance(b.img_size, int) else list(b.img_size)
-    return load_backbone(b.name, weights=b.weights, img_size=size, **OmegaConf.to_container(b.kwargs))
+    return load_backbone(b.name, weights=b.weights, img_size=b.img_size, **OmegaConf.to_container(b.kwargs))
 
 
 def build_datamodule(cfg: DictConfig, backbone: FrozenViT) -> ImageDataModule:
-    d, dc = cfg.data, backbone.data_config
-    return ImageDataModule(
-        name=d.name, root=d.root, train_dir=d.train_dir, val_dir=d.val_dir, val_split=d.val_split,
-        train_size=d.train_size, val_size=d.val_size, batch_size=d.batch_size, num_workers=d.num_workers,
-        augment=d.augment, img_size=backbone.img_size, mean=dc["mean"], std=dc["std"],
-        interpolation=dc["interpolation"], seed=cfg.seed,
-    )
+    return ImageDataModule.from_config(cfg.data, backbone.data_config, backbone.img_size, seed=cfg.seed)
 
 
 def feature_loaders(cfg: DictConfig, backbone: FrozenViT, data: ImageDataModule, trainer: L.Trainer):
     """Extract (once) and cache train/val features; return (train_loader, val_loader) over the caches.
 
     Extraction is a Lightning prediction run on the devices of `cfg.trainer` (accelerator, devices, strategy,
-    num_nodes, precision), each rank writing its own shards (`cdam_pl.extract`); every rank then reads the whole
-    cache and the loaders give each rank its share of the batches.
+    num_nodes, precision), each rank writing its own shards (`cdam_pl.features.extract`); every rank then reads the
+    whole cache and the loaders give each rank its share of the batches.
     """
-    from cdam_pl.cache import cache_key, default_cache_root
-    from cdam_pl.extract import TRAINER_KEYS, extract_features
-
     root = Path(cfg.cache.dir) if cfg.cache.dir else default_cache_root()
     opts = to_container(cfg.trainer)
-    predict_opts = {k: opts[k] for k in TRAINER_KEYS if k in opts}
-    extra = {"dtype": cfg.cache.dtype}
+    predict_opts = {k: opts[k] for k in extract.TRAINER_KEYS if k in opts}
+    extra = {"dtype": cfg.cache.dtype}  # the storage dtype is part of the key; extraction writes the same one
     precision = str(opts.get("precision", "32-true"))
     if precision not in ("32", "32-true"):  # reduced-precision inference changes the features: a different cache
         extra["precision"] = precision
@@ -66,9 +61,10 @@ def feature_loaders(cfg: DictConfig, backbone: FrozenViT, data: ImageDataModule,
     for split, shuffle in (("train", True), ("val", False)):
         ds = data.eval_dataloader(split).dataset
         key = cache_key(backbone.identity, data.eval_transform_id, ds.ids, extra)
-        cache = extract_features(root, key, ds, backbone, batch_size=data.batch_size, num_workers=data.num_workers,
-                                 dtype=cfg.cache.dtype, trainer_kwargs=predict_opts,
-                                 progress=bool(opts.get("enable_progress_bar", True)))
+        cache = extract.extract_features(root, key, ds, backbone, batch_size=data.batch_size,
+                                         num_workers=data.num_workers, dtype=extra["dtype"],
+                                         trainer_kwargs=predict_opts,
+                                         progress=bool(opts.get("enable_progress_bar", True)))
         # The epoch order follows trainer.current_epoch, so a resumed run replays the same batches (a partial, not
         # a lambda: ddp_spawn pickles the loaders, together with the trainer they read).
         loaders.append(cache.loader(batch_size=data.batch_size, shuffle=shuffle, seed=cfg.seed,
@@ -80,8 +76,6 @@ def feature_loaders(cfg: DictConfig, backbone: FrozenViT, data: ImageDataModule,
 def check_resume_checkpoint(path: str | Path, classes: list[str], cfg: DictConfig, backbone: FrozenViT) -> None:
     """Refuse a resume checkpoint that is unsafe, not a cdam-pl checkpoint, or made for other classes, another head
     or other backbone weights: one line each, before any feature extraction starts."""
-    from cdam_pl.checkpoint import check_backbone_matches, read_checkpoint
-
     meta = read_checkpoint(path)[CHECKPOINT_KEY]  # weights_only: refuses pickles that would run code
     if list(meta.get("classes", [])) != list(classes):
         raise ConfigError(f"resume checkpoint {path} was trained on classes {list(meta.get('classes', []))[:10]}, "
@@ -112,7 +106,7 @@ def run_training(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[s
 
     A SIGTERM or Ctrl-C during training saves last.ckpt and returns early (before training, e.g. during feature
     extraction, it returns at once, keeping finished cache shards): `result["stopped"]` then holds the signal, epoch,
-    step, checkpoint, exit code and a one-line message (see `cdam_pl.signals`); otherwise it is None.
+    step, checkpoint, exit code and a one-line message (see `cdam_pl.train.signals`); otherwise it is None.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     backbone = build_backbone(cfg)
@@ -142,8 +136,6 @@ def run_training(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[s
                            save_top_k=1, save_last=True, auto_insert_metric_name=False)
     callbacks: list = [best, GracefulStop(), RestoreLoaderState(), FiniteLossGuard()]
     if cfg.explain.enabled:
-        from cdam_pl.callbacks import ExplanationCallback
-
         callbacks.append(ExplanationCallback.from_config(cfg.explain, data))
     callbacks += list(extra_callbacks or [])
 

@@ -39,18 +39,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cdam_pl.data.images import list_images, load_image
+from cdam_pl.data.splits import stratified_subset
 from cdam_pl.errors import CdamError, ConfigError, DataError
-from cdam_pl.explain import CDAM, concept_vectors
-from cdam_pl.metrics import (
-    compactness,
-    deletion_drop,
-    embed_without_tokens,
-    map_correlation,
-)
+from cdam_pl.explain.cdam import CDAM, concept_vectors
+from cdam_pl.metrics.compactness import compactness
+from cdam_pl.metrics.deletion import deletion_drop, embed_without_tokens
+from cdam_pl.metrics.sensitivity import map_correlation
+from cdam_pl.viz.figures import panel, strip
+from cdam_pl.viz.maps import DISPLAY_Q, overlay, save_png, to_uint8_image
 
 __all__ = ["ExplanationCallback", "Snapshot", "load_concept_images"]
-
-DISPLAY_Q = 0.01  # display clipping of ViT maps (one outlier token); never applied to stored scores
 
 
 @dataclass
@@ -70,8 +69,6 @@ class Snapshot:
 
 def load_concept_images(name: str, folder: str, transform) -> Tensor:
     """The example images of one concept as a batch [n, 3, H, W]; a one-line ConfigError naming the concept."""
-    from cdam_pl.data import list_images, load_image
-
     try:
         return torch.stack([transform(load_image(f)) for f in list_images(folder)])
     except DataError as e:
@@ -173,8 +170,6 @@ class ExplanationCallback(L.Callback):
     def from_config(cls, cfg: Any, datamodule: Any) -> "ExplanationCallback":
         """Build from `cfg.explain` and the run's ImageDataModule: picks the tracked images (stratified by class,
         seeded with the data seed) and loads the concept folders now, so a bad folder fails before training."""
-        from cdam_pl.data import stratified_subset
-
         if int(cfg.num_images) < 1:
             raise ConfigError(f"explain.num_images must be > 0, got {cfg.num_images}")
         datamodule.setup()
@@ -272,8 +267,6 @@ class ExplanationCallback(L.Callback):
     def _class_means(self, trainer: L.Trainer, backbone: nn.Module) -> tuple[list[int], Tensor]:
         """Training-set mean embedding of each tracked image's true class, from up to max_class_mean_images images
         (stratified, seeded; eval transform). Read from the run's feature cache when the trainer trains on it."""
-        from cdam_pl.data import stratified_subset
-
         data = self.class_mean_data
         targets = np.asarray(data.targets, dtype=np.int64)
         classes = sorted(set(self.labels.tolist()))
@@ -391,8 +384,6 @@ class ExplanationCallback(L.Callback):
 
     def panels(self, snap: Snapshot) -> dict[str, np.ndarray]:
         """One titled panel (uint8 HWC) per tracked image and map kind, keyed by its TensorBoard tag."""
-        from cdam_pl.viz import panel
-
         out: dict[str, np.ndarray] = {}
         shown = min(self.top_k, len(self.classes))
         for i in range(len(self.labels)):
@@ -425,8 +416,6 @@ class ExplanationCallback(L.Callback):
 
     def write_strips(self, out_dir: str | Path) -> list[Path]:
         """One PNG per tracked image: rows = map kinds, columns = logged epochs (written atomically)."""
-        from cdam_pl.viz import overlay, save_png, strip, to_uint8_image
-
         first = self.history[0]
         paths = []
         for i in range(len(self.labels)):

@@ -7,6 +7,7 @@ identity, the class names and the resolved config as plain containers (see `cdam
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -17,10 +18,10 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from cdam_pl.backbone import FrozenViT
+from cdam_pl.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, check_backbone_matches
+from cdam_pl.config import OptimConfig
 from cdam_pl.heads import build_head
-
-CHECKPOINT_FORMAT = 1
-CHECKPOINT_KEY = "cdam_pl"
+from cdam_pl.viz.figures import confusion_image
 
 
 class HeadClassifier(L.LightningModule):
@@ -36,8 +37,7 @@ class HeadClassifier(L.LightningModule):
         self.backbone = backbone
         self.classes = list(classes)
         self.head_cfg = dict(head or {"kind": "linear"})
-        self.optim_cfg = {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0.0,
-                          "scheduler": "cosine", "label_smoothing": 0.0, **(optim or {})}
+        self.optim_cfg = {**asdict(OptimConfig()), **(optim or {})}  # the schema's defaults, then the given values
         self.config = dict(config or {})
         c = len(self.classes)
         self.head = build_head(in_dim=backbone.embed_dim, num_classes=c, **self.head_cfg)
@@ -92,8 +92,6 @@ class HeadClassifier(L.LightningModule):
         confusion = self.val_confusion.compute()
         self.val_confusion.reset()
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            from cdam_pl.viz import confusion_image
-
             for logger in self.trainer.loggers:
                 exp = getattr(logger, "experiment", None)
                 if hasattr(exp, "add_image"):
@@ -140,7 +138,5 @@ class HeadClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming: verify the backbone, then put its (unsaved) weights back so strict loading passes."""
-        from cdam_pl.checkpoint import check_backbone_matches
-
         check_backbone_matches(checkpoint.get(CHECKPOINT_KEY, {}).get("backbone", {}), self.backbone)
         checkpoint["state_dict"].update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})

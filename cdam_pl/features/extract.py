@@ -8,8 +8,8 @@ Three small pieces, one concern each:
                            finished yet (so an interrupted run resumes), unshuffled, in batches that never cross a
                            shard boundary;
   `FeatureExtraction`      what is predicted: the frozen backbone's features [b, D];
-  `CacheShardWriter`       where they go: each shard is written with `cdam_pl.cache`'s own code (`ShardBuffer`) as
-                           soon as its last batch arrives.
+  `CacheShardWriter`       where they go: each shard is written with `cdam_pl.features.cache`'s own code
+                           (`ShardBuffer`) as soon as its last batch arrives.
 The ranks then meet through the file system, as `FeatureCache.build` does: each polls until every shard exists
 (`FeatureCache.finish_build`; whichever rank sees them all first writes the header) and opens the cache. No
 collective call waits at the end, so however uneven the shares (a resumed run where one rank has nothing left)
@@ -31,9 +31,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cdam_pl.cache import BuildPlan, CacheIncomplete, FeatureCache, ShardBuffer
-from cdam_pl.cache import _check_dtype as check_dtype
 from cdam_pl.errors import ConfigError, DataError
+from cdam_pl.features.cache import BuildPlan, CacheIncomplete, FeatureCache, ShardBuffer, check_dtype
 
 __all__ = ["CacheShardWriter", "FeatureExtraction", "ShardedExtractionData", "extract_features", "TRAINER_KEYS"]
 

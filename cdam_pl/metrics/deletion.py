@@ -1,25 +1,31 @@
-"""Explanation-quality metrics.
+"""Deletion: remove patches in the order a map ranks them and watch the target logit.
 
-Plain functions for the training callback, and torchmetrics Metrics (batched, stateful, synced under DDP) for
-comparing explanation methods (`cdam_pl.benchmark`). Definitions: /work/shared/docs/method.md, "Quantitative
-properties". Maps are token grids [..., gh, gw] as every method in `cdam_pl.explain.registry` returns them.
+Perturbation curves (benchmark): rank the patches by the map, delete most-important-first (MIF) and
+least-important-first (LIF) in `steps` steps, record the target logit f at every step; fidelity is the area
+between the curves (higher = better):
+
+    fidelity = integral_0^1 (LIF(x) - MIF(x)) dx ~= sum_{s=1}^{S} (g_s + g_{s-1}) / (2 S),  g = LIF - MIF
+
+Token deletion drop (training callback): with n = round(fraction * N) tokens removed,
+
+    drop_top = f(x) - f(x without the n top-ranked tokens)
+    drop_random = mean over random sets r of f(x) - f(x without r)
+
+and faithfulness = drop_top - drop_random. Tokens are removed after the position embedding (the ViT-native variant,
+like TAM); pixel deletion replaces the patch's pixels instead.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import Metric
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from cdam_pl.errors import CdamError
-
-
-# =====================================================================================================================
-# Method comparison (issue 6): torchmetrics Metrics and deletion curves, used by cdam_pl.benchmark.
-# Every state is a sum (dist_reduce_fx="sum"), so DDP sync adds up per-rank totals and compute() divides once.
-# =====================================================================================================================
+from cdam_pl.explain._vit import as_targets, check_range, explaining, head_or_identity, plain
+from cdam_pl.explain.tam import sequence_logits
+from cdam_pl.metrics._base import MeanMetricBase
 
 DELETION_MODES = ("token", "pixel")
 REPLACEMENTS = ("mean", "blur", "zero")
@@ -27,57 +33,12 @@ REPLACEMENTS = ("mean", "blur", "zero")
 DELETION_MAX_ELEMENTS = 2**25
 
 
-def _flat_maps(maps: Tensor) -> Tensor:
-    """[..., gh, gw] -> [M, gh*gw] float (one row per map)."""
-    if maps.ndim < 2:
-        raise CdamError(f"maps must be token grids [..., gh, gw], got shape {tuple(maps.shape)}")
-    return maps.detach().reshape(-1, maps.shape[-2] * maps.shape[-1]).float()
-
-
-def _negligible_fraction(maps: Tensor, rel: float) -> Tensor:
-    """Per map, the fraction of scores with |s| < rel * max|s|; an all-zero map counts as 1 (nothing stands out)."""
-    a = _flat_maps(maps).abs()  # [M, N]
-    top = a.max(1, keepdim=True).values
-    frac = (a < rel * top).float().mean(1)
-    return torch.where(top[:, 0] > 0, frac, torch.ones_like(frac))
-
-
-def _pearson(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise Pearson correlation of [M, N] maps. Identical maps give 1 (also when constant); a constant map
-    against a different one gives 0 (no linear relation to measure)."""
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
-    den = (a.square().sum(1) * b.square().sum(1)).sqrt()
-    r = (a * b).sum(1) / den.clamp_min(torch.finfo(a.dtype).tiny)
-    r = torch.where(den > 0, r, torch.zeros_like(r))
-    return torch.where((a == b).all(1), torch.ones_like(r), r).clamp(-1.0, 1.0)
-
-
-def _positive_share(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-    """Share of positive evidence inside the masks, per map, and whether the map has any positive evidence."""
-    pos = _flat_maps(maps).clamp_min(0)  # [M, N]
-    gh, gw = maps.shape[-2:]
-    m = masks.detach().float().reshape(-1, 1, *masks.shape[-2:])  # [M, 1, H, W]
-    if m.shape[0] != pos.shape[0]:
-        raise CdamError(f"masks {tuple(masks.shape)} do not match maps {tuple(maps.shape)}: need one mask per map")
-    if m.shape[-2:] != (gh, gw):
-        if m.shape[-2] % gh or m.shape[-1] % gw:
-            raise CdamError(f"mask size {tuple(m.shape[-2:])} is not a multiple of the token grid {(gh, gw)}")
-        m = F.adaptive_avg_pool2d(m, (gh, gw))  # fraction of each token's pixels inside the object
-    total = pos.sum(1)
-    inside = (pos * m.reshape(m.shape[0], -1)).sum(1)
-    has = total > 0
-    return torch.where(has, inside / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(total)), has
-
-
-def fidelity_from_curves(curves: Tensor) -> Tensor:
-    """Area between the LIF and MIF curves, x from 0 to 1 (trapezoid): [..., 2, S+1] -> [...].
-
-    curves[..., 0, :] is most-important-first, curves[..., 1, :] least-important-first. Higher is better.
-    """
-    gap = curves[..., 1, :] - curves[..., 0, :]  # [..., S+1]
-    steps = gap.shape[-1] - 1
-    return (gap[..., 1:] + gap[..., :-1]).sum(-1) / (2 * steps)
+def _sequences_per_chunk(backbone: nn.Module, tokens: int, max_elements: int) -> int:
+    """How many sequences of `tokens` tokens one forward may take: a sequence's largest activations are its MLP
+    hidden layer [T, hidden] and its attention matrices [heads, T, T]; their sum stays within `max_elements`."""
+    blk = backbone.model.blocks[0]
+    hidden = max(backbone.embed_dim, getattr(getattr(blk.mlp, "fc1", None), "out_features", 4 * backbone.embed_dim))
+    return max(1, int(max_elements) // (tokens * (hidden + blk.attn.num_heads * tokens)))
 
 
 def deletion_order(maps: Tensor, seed: int = 0) -> Tensor:
@@ -94,8 +55,6 @@ def deletion_order(maps: Tensor, seed: int = 0) -> Tensor:
 
 
 def _gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    from torchvision.transforms.v2.functional import gaussian_blur
-
     k = 2 * int(torch.ceil(torch.tensor(3.0 * sigma)).item()) + 1
     return gaussian_blur(images, kernel_size=[k, k], sigma=[sigma, sigma])
 
@@ -122,10 +81,6 @@ def deletion_curves(
     default half a patch) or 0 ("zero", the normalised data mean). images [B, 3, H, W], targets [B, K],
     maps [B, K, gh, gw] (one map per target). All sequences of a step share one batched forward.
     """
-    from cdam_pl.explain.cdam import _explaining, _plain
-    from cdam_pl.explain.common import as_targets, check_range, head_or_identity
-    from cdam_pl.explain.tam import sequence_logits
-
     if mode not in DELETION_MODES:
         raise CdamError(f"unknown deletion mode {mode!r}; choose one of {', '.join(DELETION_MODES)}")
     if replace not in REPLACEMENTS:
@@ -143,16 +98,12 @@ def deletion_curves(
     orders = torch.stack([order, order.flip(-1)], 2)  # [B, K, 2, N]: MIF, LIF
     counts = [round(s * n / steps) for s in range(int(steps) + 1)]
     curves = torch.empty(b, k, 2, len(counts), device=images.device)
-    blk = backbone.model.blocks[0]
-    t_all = backbone.num_prefix_tokens + n
-    hidden = max(backbone.embed_dim, getattr(getattr(blk.mlp, "fc1", None), "out_features", 4 * backbone.embed_dim))
-    per_seq = t_all * (hidden + blk.attn.num_heads * t_all)
-    chunk = max(1, int(max_elements) // per_seq)
+    chunk = _sequences_per_chunk(backbone, backbone.num_prefix_tokens + n, max_elements)
     rows = torch.arange(b, device=images.device).repeat_interleave(2 * k)  # sequence -> image
     tgt = idx.repeat_interleave(2, dim=1).reshape(-1)  # sequence -> target class, [B*K*2]
 
-    with _explaining(backbone, head), torch.no_grad():
-        images = _plain(images)
+    with explaining(backbone, head), torch.no_grad():
+        images = plain(images)
         if mode == "token":
             tokens = backbone.embed(images)  # [B, T, D]
             p = backbone.num_prefix_tokens
@@ -199,31 +150,17 @@ def deletion_curves(
     return curves
 
 
-class Compactness(Metric):
-    """Mean fraction of near-zero scores per map, |s| < rel * max|s| (higher = more compact; the paper's 0.05)."""
+def fidelity_from_curves(curves: Tensor) -> Tensor:
+    """Area between the LIF and MIF curves, x from 0 to 1 (trapezoid): [..., 2, S+1] -> [...].
 
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, rel: float = 0.05, **kwargs):
-        super().__init__(**kwargs)
-        if not 0 < rel < 1:
-            raise CdamError(f"Compactness rel must be in (0, 1), got {rel}")
-        self.rel = float(rel)
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, maps: Tensor) -> None:
-        """maps [..., gh, gw]: every leading index is one map."""
-        frac = _negligible_fraction(maps, self.rel)
-        self.total += frac.sum().double()
-        self.count += frac.numel()
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count).float() if self.count > 0 else torch.tensor(float("nan"))
+    curves[..., 0, :] is most-important-first, curves[..., 1, :] least-important-first. Higher is better.
+    """
+    gap = curves[..., 1, :] - curves[..., 0, :]  # [..., S+1]
+    steps = gap.shape[-1] - 1
+    return (gap[..., 1:] + gap[..., :-1]).sum(-1) / (2 * steps)
 
 
-class DeletionFidelity(Metric):
+class DeletionFidelity(MeanMetricBase):
     """Mean area between the least- and most-important-first deletion curves of the target logit (higher = better).
 
     update(curves [B, K, 2, steps+1]) takes `deletion_curves(...)` output (token or pixel mode); the mean curves
@@ -231,13 +168,10 @@ class DeletionFidelity(Metric):
     """
 
     higher_is_better = True
-    full_state_update = False
 
     def __init__(self, steps: int = 40, **kwargs):
         super().__init__(**kwargs)
         self.steps = int(steps)
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("curve_sum", torch.zeros(2, self.steps + 1, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, curves: Tensor) -> None:
@@ -245,98 +179,12 @@ class DeletionFidelity(Metric):
             raise CdamError(f"curves must be [..., 2, {self.steps + 1}] (MIF, LIF over {self.steps} steps), "
                             f"got {tuple(curves.shape)}")
         c = curves.detach().double().reshape(-1, 2, self.steps + 1)
-        self.total += fidelity_from_curves(c).sum()
-        self.count += c.shape[0]
+        self.accumulate(fidelity_from_curves(c))
         self.curve_sum += c.sum(0)
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count).float() if self.count > 0 else torch.tensor(float("nan"))
 
     def mean_curves(self) -> Tensor:
         """[2, steps+1]: the mean MIF and LIF curves over everything seen (synced like compute())."""
         return (self.curve_sum / self.count.clamp_min(1)).float()
-
-
-class ClassSensitivity(Metric):
-    """Mean Pearson correlation between the maps of two targets of the same image, by default index 0 (top-1)
-    and index 1 (top-2). Lower = more class-sensitive; a class-agnostic method scores 1."""
-
-    higher_is_better = False
-    full_state_update = False
-
-    def __init__(self, pair: tuple[int, int] = (0, 1), **kwargs):
-        super().__init__(**kwargs)
-        self.pair = (int(pair[0]), int(pair[1]))
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, maps: Tensor) -> None:
-        """maps [B, K, gh, gw] with K > max(pair)."""
-        if maps.ndim != 4 or maps.shape[1] <= max(self.pair):
-            raise CdamError(f"ClassSensitivity needs maps [B, K>={max(self.pair) + 1}, gh, gw], "
-                            f"got {tuple(maps.shape)}")
-        r = _pearson(_flat_maps(maps[:, self.pair[0]]), _flat_maps(maps[:, self.pair[1]]))
-        self.total += r.sum().double()
-        self.count += r.numel()
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count).float() if self.count > 0 else torch.tensor(float("nan"))
-
-
-class MaskedEvidenceShare(Metric):
-    """Mean share of a map's positive evidence that lies inside its target's object mask (higher = better).
-
-    update(maps [B, K, gh, gw], masks [B, K, H, W]) with H, W multiples of (gh, gw) (pixel masks are pooled to
-    each token's fraction inside the object) or equal to them. Maps without positive evidence have no share and
-    are left out (`skipped` counts them).
-    """
-
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("skipped", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, maps: Tensor, masks: Tensor) -> None:
-        share, has = _positive_share(maps, masks)
-        self.total += share[has].sum().double()
-        self.count += has.sum()
-        self.skipped += (~has).sum()
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count).float() if self.count > 0 else torch.tensor(float("nan"))
-
-
-# =====================================================================================================================
-# Plain functions for the training callback (issue 4, `cdam_pl.callbacks`): one batch of tracked images, tensors in,
-# tensors out. They share the definitions above (_negligible_fraction, _pearson, deletion_order), so the callback's
-# per-epoch scalars and the benchmark's Metrics measure the same thing.
-# =====================================================================================================================
-
-
-def compactness(maps: Tensor, rel: float = 0.05) -> Tensor:
-    """Fraction of scores with |s| < rel * max|s| per map: [B, K, gh, gw] -> [B, K] (any [..., gh, gw] -> [...]).
-
-    Higher = more compact (sparser evidence); an all-zero map counts as 1.
-    """
-    if not 0 < rel < 1:
-        raise CdamError(f"compactness rel must be in (0, 1), got {rel}")
-    return _negligible_fraction(maps, rel).view(maps.shape[:-2])
-
-
-def map_correlation(a: Tensor, b: Tensor) -> Tensor:
-    """Pearson correlation over tokens of paired maps: [B, gh, gw] x [B, gh, gw] -> [B] (any [..., gh, gw]).
-
-    Class sensitivity: the maps of two classes of one image should differ (lower = more class-sensitive).
-    Identical maps give 1, a constant map against a different one 0.
-    """
-    if a.shape != b.shape or a.ndim < 2:
-        raise CdamError(f"map_correlation needs two maps of one shape [..., gh, gw], got {tuple(a.shape)} "
-                        f"and {tuple(b.shape)}")
-    return _pearson(_flat_maps(a), _flat_maps(b)).view(a.shape[:-2])
 
 
 def num_deleted(num_tokens: int, fraction: float = 0.1) -> int:
@@ -368,8 +216,6 @@ def embed_without_tokens(backbone: nn.Module, images: Tensor, remove: Tensor,
     kept tokens in their original order) through every block. Head-independent, so a caller may keep the result
     while the head trains. Sequences run in chunks bounded by `max_elements` activations.
     """
-    from cdam_pl.explain.cdam import _explaining, _plain
-
     gh, gw = backbone.check_images(images)
     num_patches, p = gh * gw, backbone.num_prefix_tokens
     if remove.ndim != 3 or remove.shape[0] != images.shape[0]:
@@ -377,12 +223,9 @@ def embed_without_tokens(backbone: nn.Module, images: Tensor, remove: Tensor,
     b, r, n = remove.shape
     if not 0 < n < num_patches or remove.min() < 0 or remove.max() >= num_patches:
         raise CdamError(f"remove must hold 1..{num_patches - 1} patch indices in 0..{num_patches - 1} per set")
-    blk = backbone.model.blocks[0]
-    t = p + num_patches - n
-    hidden = max(backbone.embed_dim, getattr(getattr(blk.mlp, "fc1", None), "out_features", 4 * backbone.embed_dim))
-    chunk = max(1, int(max_elements) // (t * (hidden + blk.attn.num_heads * t)))
-    with _explaining(backbone), torch.no_grad():
-        images = _plain(images)
+    chunk = _sequences_per_chunk(backbone, p + num_patches - n, max_elements)
+    with explaining(backbone), torch.no_grad():
+        images = plain(images)
         tokens = backbone.embed(images)  # [B, P+N, D]
         keep = torch.ones(b * r, num_patches, dtype=torch.bool, device=images.device)
         keep.scatter_(1, remove.reshape(b * r, n).to(images.device), False)
@@ -410,8 +253,6 @@ def deletion_drop(backbone: nn.Module, head: nn.Module, images: Tensor, maps: Te
     logits [B, C]: the intact images' logits when already known (skips that forward). embed: replaces
     `embed_without_tokens` (same signature), e.g. by a cache: the removed-token embeddings do not depend on the head.
     """
-    from cdam_pl.explain.cdam import _explaining, _plain
-
     gh, gw = backbone.check_images(images)
     b = images.shape[0]
     if tuple(maps.shape) != (b, gh, gw):
@@ -422,8 +263,8 @@ def deletion_drop(backbone: nn.Module, head: nn.Module, images: Tensor, maps: Te
     n = num_deleted(gh * gw, fraction)
     top = deletion_order(maps, seed)[:, None, :n].to(images.device)  # [B, 1, n]
     rand = random_tokens(b, gh * gw, n, int(n_random), generator, images.device)  # [B, R, n]
-    with _explaining(backbone, head), torch.no_grad():
-        images = _plain(images)
+    with explaining(backbone, head), torch.no_grad():
+        images = plain(images)
         full = head(backbone(images)) if logits is None else logits.to(images.device)  # [B, C]
         if t.min() < 0 or t.max() >= full.shape[1]:
             raise CdamError(f"target class index out of range: the head has {full.shape[1]} classes")

@@ -1,259 +1,30 @@
-"""Pictures of token maps (CDAM scores, attention, ...) as uint8 RGB arrays.
+"""Figures of token maps as uint8 RGB arrays: a panel (image + overlays, titled, with colour bars), a strip
+(a titled grid of pictures) and a confusion-matrix picture.
 
-Every public function returns a ``uint8`` numpy array of shape ``[H, W, 3]`` that can go
-straight to TensorBoard (``writer.add_image(tag, arr, step, dataformats="HWC")``) or to a PNG
-via :func:`save_png`.
-
-Conventions
------------
-* A *map* is a signed score grid ``[gh, gw]`` (one value per patch token; grids may be
-  non-square). Positive = evidence for the target class, negative = counter-evidence.
-* Maps are drawn with a zero-centred diverging colormap (``RdBu_r``): 0 is the neutral
-  near-white middle colour, positive is red, negative is blue, scaled symmetrically to
-  ``[-vmax, vmax]``.
-* ``vmax`` defaults to a *display* range from quantile clipping (:func:`display_range`), so a
-  single outlier token does not wash out the rest of the map. Clipping only affects the
-  picture; inputs are never modified.
-* Inputs may be torch tensors (any device, with or without grad) or numpy arrays; they are
-  detached/copied, never changed in place.
-* Figures (:func:`panel`, :func:`strip`) use ``matplotlib.figure.Figure`` with the Agg canvas
-  directly, never ``pyplot``: no global state, no windows, safe to call from worker threads.
+Figures use ``matplotlib.figure.Figure`` with the Agg canvas directly, never ``pyplot``: no global state, no
+windows, safe to call from worker threads.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import textwrap
-from pathlib import Path
 from typing import Any, Sequence
 
+import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 
-from cdam_pl.io import atomic_write
+from cdam_pl.viz._arrays import as_grid, colormap, to_numpy
+from cdam_pl.viz.maps import DEFAULT_CMAP, DEFAULT_Q, display_range, overlay, resolve_vmax, to_uint8_image
 
-__all__ = [
-    "DEFAULT_CMAP",
-    "upsample",
-    "display_range",
-    "colorize",
-    "to_uint8_image",
-    "overlay",
-    "panel",
-    "strip",
-    "save_png",
-]
-
-DEFAULT_CMAP = "RdBu_r"
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    """Copy a torch tensor (any device/dtype, with grad) or array-like into a new numpy array."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency of the package
-        torch = None
-    if torch is not None and isinstance(x, torch.Tensor):
-        t = x.detach().cpu()
-        if t.dtype in (torch.bfloat16, torch.float16):
-            t = t.float()
-        return t.numpy().copy()
-    return np.array(x, copy=True)
-
-
-def _as_grid(map_: Any) -> np.ndarray:
-    """Map -> float64 array [gh, gw] (leading singleton dims such as [1, gh, gw] are dropped)."""
-    m = _to_numpy(map_).astype(np.float64, copy=False)
-    while m.ndim > 2 and m.shape[0] == 1:
-        m = m[0]
-    if m.ndim != 2:
-        raise ValueError(f"expected a 2-D token map [gh, gw], got shape {tuple(m.shape)}")
-    if m.size == 0:
-        raise ValueError("token map is empty")
-    return m
-
-
-def _cmap(name: str):
-    import matplotlib
-
-    return matplotlib.colormaps[name]
-
-
-@functools.lru_cache(maxsize=16)
-def _lut_uint8(name: str) -> np.ndarray:
-    """A colormap's lookup table as uint8 RGB ``[N, 3]`` (read-only): its colours rounded to 0..255."""
-    cm = _cmap(name)
-    lut = np.round(cm(np.arange(cm.N))[:, :3] * 255.0).astype(np.uint8)  # integer input = table rows
-    lut.flags.writeable = False
-    return lut
-
-
-def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)):
-        return int(size), int(size)
-    h, w = (int(s) for s in size)
-    if h <= 0 or w <= 0:
-        raise ValueError(f"size must be positive, got {(h, w)}")
-    return h, w
-
-
-def _resolve_vmax(vmax: float | None, m: np.ndarray, q: float) -> float:
-    if vmax is None:
-        return display_range(m, q)
-    v = float(vmax)
-    if not np.isfinite(v) or v <= 0:
-        raise ValueError(f"vmax must be a positive finite number, got {vmax!r}")
-    return v
-
-
-# ----------------------------------------------------------------------------- maps
-
-
-def upsample(map: Any, size: int | Sequence[int], mode: str = "nearest") -> np.ndarray:
-    """Resize a score grid ``[gh, gw]`` to ``[H, W]`` (float64) to lay it over an image.
-
-    ``size`` is ``(H, W)`` or an int for a square output. ``"nearest"`` keeps each token as a
-    flat block (exact values, honest about the token resolution); ``"bilinear"`` (half-pixel
-    centres, ``align_corners=False``) gives smooth overlays.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    m = _as_grid(map)  # [gh, gw]
-    h, w = _size_hw(size)
-    if mode not in ("nearest", "bilinear"):
-        raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
-    t = torch.from_numpy(m)[None, None]  # [1, 1, gh, gw]
-    if mode == "nearest":
-        out = F.interpolate(t, size=(h, w), mode="nearest-exact")
-    else:
-        out = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
-    return out[0, 0].numpy().copy()  # [H, W]
-
-
-def display_range(map: Any, q: float = 0.001) -> float:
-    """Symmetric colour limit ``v``: the ``1 - q`` quantile of ``|map|`` (finite values only).
-
-    Quantile clipping keeps a few extreme tokens from compressing everything else to the
-    neutral colour. It is for display only; the input is not modified. Falls back to the max
-    of ``|map|`` if the quantile is 0 (very sparse maps), and to 1.0 for an all-zero (or
-    non-finite) map so callers can always divide by it.
-    """
-    if not 0.0 <= q < 1.0:
-        raise ValueError(f"q must be in [0, 1), got {q!r}")
-    a = np.abs(_to_numpy(map).astype(np.float64, copy=False)).ravel()
-    a = a[np.isfinite(a)]
-    if a.size == 0:
-        return 1.0
-    v = float(np.quantile(a, 1.0 - q))
-    if v <= 0.0:
-        v = float(a.max())
-    return v if v > 0.0 else 1.0
-
-
-def colorize(
-    map: Any, vmax: float | None = None, q: float = 0.001, cmap: str = DEFAULT_CMAP
-) -> np.ndarray:
-    """Signed map ``[H, W]`` -> uint8 RGB ``[H, W, 3]`` with a zero-centred diverging colormap.
-
-    Values are scaled to ``[-vmax, vmax]`` (``vmax`` from :func:`display_range` if None) and
-    clipped, so 0 is the neutral middle colour, ``+vmax`` full red, ``-vmax`` full blue.
-    NaNs are drawn as 0 (neutral).
-    """
-    m = _as_grid(map)  # [H, W]
-    v = _resolve_vmax(vmax, m, q)
-    x = np.nan_to_num(m, nan=0.0, posinf=v, neginf=-v)
-    x = np.clip(x / v, -1.0, 1.0)  # [-1, 1]
-    # What `Colormap.__call__` does with floats in [0, 1] (entry floor(x * N), x = 1 -> the last), but with the
-    # table already rounded to uint8: the same colours without a float RGBA image per call.
-    lut = _lut_uint8(cmap)
-    n = lut.shape[0]
-    idx = ((x + 1.0) * 0.5) * n
-    return lut[np.clip(idx, 0, n - 1).astype(np.intp)]  # [H, W, 3] uint8
-
-
-# ----------------------------------------------------------------------------- images
-
-
-def to_uint8_image(image: Any, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
-    """Any image -> uint8 RGB ``[H, W, 3]``.
-
-    Accepts uint8 HWC, float ``[0, 1]`` HWC, a (normalised) CHW float torch tensor or array,
-    optionally with a leading batch dim of 1, grey ``[H, W]`` or 1-channel, and RGBA (alpha
-    dropped). If ``mean``/``std`` are given the image is un-normalised first
-    (``x * std + mean`` per channel), e.g. to show a model's input tensor.
-    """
-    import torch
-
-    is_tensor = isinstance(image, torch.Tensor)
-    x = _to_numpy(image)
-    while x.ndim > 3 and x.shape[0] == 1:
-        x = x[0]
-    if x.ndim == 2:
-        x = x[..., None]  # [H, W, 1]
-    if x.ndim != 3:
-        raise ValueError(f"expected an image [H, W, C] or [C, H, W], got shape {tuple(x.shape)}")
-    # Torch tensors are CHW by convention; arrays are HWC unless they clearly are CHW.
-    chw = x.shape[0] in (1, 3, 4) and (is_tensor or x.shape[-1] not in (1, 3, 4))
-    if chw:
-        x = np.transpose(x, (1, 2, 0))  # [H, W, C]
-    if x.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected 1, 3 or 4 channels, got image of shape {tuple(x.shape)}")
-
-    if x.dtype == np.uint8 and mean is None and std is None:
-        out = x
-    else:
-        f = x.astype(np.float64)
-        if x.dtype == np.uint8:
-            f = f / 255.0
-        if std is not None:
-            f = f * np.asarray(std, dtype=np.float64).reshape(1, 1, -1)
-        if mean is not None:
-            f = f + np.asarray(mean, dtype=np.float64).reshape(1, 1, -1)
-        f = np.nan_to_num(f, nan=0.0)
-        out = np.round(np.clip(f, 0.0, 1.0) * 255.0).astype(np.uint8)
-    if out.shape[-1] == 4:
-        out = out[..., :3]
-    elif out.shape[-1] == 1:
-        out = np.repeat(out, 3, axis=-1)
-    return np.ascontiguousarray(out)  # [H, W, 3] uint8
-
-
-def overlay(
-    image: Any,
-    map: Any,
-    alpha: float = 0.6,
-    mode: str = "bilinear",
-    vmax: float | None = None,
-    q: float = 0.001,
-    *,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    cmap: str = DEFAULT_CMAP,
-) -> np.ndarray:
-    """Blend a colorized token map over an image: ``(1 - alpha) * image + alpha * heat``.
-
-    The map ``[gh, gw]`` is upsampled to the image size; ``vmax`` is computed on the token grid
-    (not the interpolated one) when None. Returns uint8 ``[H, W, 3]`` of the image's size.
-    """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    img = to_uint8_image(image, mean=mean, std=std)  # [H, W, 3]
-    grid = _as_grid(map)  # [gh, gw]
-    v = _resolve_vmax(vmax, grid, q)
-    heat = colorize(upsample(grid, img.shape[:2], mode=mode), vmax=v, cmap=cmap)  # [H, W, 3]
-    out = (1.0 - alpha) * img.astype(np.float64) + alpha * heat.astype(np.float64)
-    return np.round(np.clip(out, 0.0, 255.0)).astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------- figures
+__all__ = ["panel", "strip", "confusion_image"]
 
 
 # Figures are laid out explicitly, in inches, from measured text sizes (titles, colour-bar tick labels) instead of
-# matplotlib's constrained layout, which re-solved the layout on every draw and cost most of the drawing time.
+# matplotlib's constrained layout, which re-solves the layout on every draw and costs most of the drawing time.
 # Only text and colour bars are drawn by matplotlib; the images (which never overlap anything) are resampled
 # nearest-neighbour and pasted into the rendered pixels at their cells, which is what `imshow(interpolation=
 # "nearest")` would draw there, without its per-image Axes and RGBA resampling pipeline.
@@ -287,9 +58,6 @@ class _Layout:
     """
 
     def __init__(self, dpi: int):
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         self.fig = Figure(figsize=(1.0, 1.0), dpi=dpi)
         self.canvas = FigureCanvasAgg(self.fig)
         self.renderer = self.canvas.get_renderer()  # a 1x1 inch buffer, only to measure text with
@@ -339,15 +107,11 @@ class _Layout:
         Returns ``(cax, right, top)``: how far (inches) its ticks and tick labels reach right of the bar, and its
         offset text (e.g. ``1e-5``) above it.
         """
-        import matplotlib
-        from matplotlib.cm import ScalarMappable
-        from matplotlib.colors import Normalize
-
         # How many ticks a bar gets depends on its height, so the ticks are worked out at its final height.
         self.fig.set_size_inches(1.0, height)
         cax = self.fig.add_axes((0.0, 0.0, _CBAR_WIDTH, 1.0))
         cax.tick_params(labelsize=_CBAR_FONTSIZE)
-        sm = ScalarMappable(norm=Normalize(vmin=-v, vmax=v), cmap=_cmap(cmap))
+        sm = ScalarMappable(norm=Normalize(vmin=-v, vmax=v), cmap=colormap(cmap))
         self.fig.colorbar(sm, cax=cax)
         # The tick labels the draw will make (same locator and formatter), measured as text: as exact as the axis'
         # tight bbox (ticks on the right, labels of the 7-pt size) at a third of its cost.
@@ -425,10 +189,8 @@ def _render(fig) -> np.ndarray:
     """Draw a Figure on an Agg canvas -> uint8 [H, W, 3], then drop the canvas' pixel buffer.
 
     The figure itself is left to the garbage collector: ``fig.clear()`` re-initialises every axes just to throw it
-    away and cost as much as drawing.
+    away and costs as much as drawing.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     try:
         canvas.draw()
@@ -450,7 +212,7 @@ def panel(
     dpi: int = 100,
     *,
     alpha: float = 0.6,
-    q: float = 0.001,
+    q: float = DEFAULT_Q,
     image_title: str = "image",
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -466,7 +228,7 @@ def panel(
     aspect), so the figure width grows with the number of maps; a title too long for its cell is
     wrapped. Returns uint8 ``[H, W, 3]``.
     """
-    grids = [_as_grid(m) for m in maps]
+    grids = [as_grid(m) for m in maps]
     titles = list(titles)
     if len(titles) == len(grids) + 1:
         image_title, titles = titles[0], titles[1:]
@@ -482,7 +244,7 @@ def panel(
         all_scores = np.concatenate([g.ravel() for g in grids]) if grids else np.zeros(1)
         vs = [display_range(all_scores, q)] * len(grids)
     else:
-        vs = [_resolve_vmax(vmax, np.zeros((1, 1)), q)] * len(grids)
+        vs = [resolve_vmax(vmax, np.zeros((1, 1)), q)] * len(grids)
     shared = not (isinstance(vmax, str) and vmax == "per_map")
 
     lay = _Layout(dpi)
@@ -559,7 +321,7 @@ def strip(
     heads = [lay.text(t, _TITLE_FONTSIZE, box_w, ha="center", va="bottom") for t in col_titles or []]
     sides = [lay.text(t, _TITLE_FONTSIZE, box_h, ha="right", va="center", rotation=90) for t in row_titles or []]
     bar_h = _CBAR_SHRINK * grid_h
-    bar = lay.colorbar(_resolve_vmax(colorbar_vmax, np.zeros((1, 1)), 0.0), cmap, bar_h) if colorbar_vmax else None
+    bar = lay.colorbar(resolve_vmax(colorbar_vmax, np.zeros((1, 1)), 0.0), cmap, bar_h) if colorbar_vmax else None
 
     # left to right
     x = _MARGIN + (max(w for _, w, _ in sides) + _TITLE_PAD if sides else 0.0)
@@ -593,31 +355,9 @@ def strip(
     return lay.finish(width, height)
 
 
-# ----------------------------------------------------------------------------- files
-
-
-def save_png(array: Any, path: str | os.PathLike) -> Path:
-    """Write an image array as PNG atomically (temp file in the same dir + ``os.replace``).
-
-    Readers (TensorBoard, a browser, a concurrent job) never see a half-written file. Parent
-    directories are created. Non-uint8 / CHW input goes through :func:`to_uint8_image`.
-    """
-    from PIL import Image
-
-    arr = _to_numpy(array)
-    if not (arr.dtype == np.uint8 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4)))):
-        arr = to_uint8_image(arr)
-    arr = np.ascontiguousarray(arr)
-    # zlib level 1: 3.6x faster than PIL's default 6 on a photo panel (15 vs 55 ms) for 8% more bytes; encoding
-    # was the largest cost of explain.py's panels.
-    return atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG", compress_level=1))
-
-
 def confusion_image(confusion: Any, classes: Sequence[str], dpi: int = 100) -> np.ndarray:
     """Confusion matrix [C, C] (rows = true, cols = predicted) as a row-normalised heat map, uint8 HWC."""
-    from matplotlib.figure import Figure
-
-    cm = _to_numpy(confusion).astype(np.float64)
+    cm = to_numpy(confusion).astype(np.float64)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     c = len(classes)
     side = max(3.0, 0.45 * c + 1.5)

@@ -12,7 +12,7 @@ Shard `s` covers samples `[s * shard_size, (s + 1) * shard_size)`. Every file is
 the same directory, then `os.replace`), so a killed build leaves only whole shards and resumes from them. Ranks of
 a distributed build each extract the shards with `s % world_size == rank` and meet through the file system (no
 collective calls, so no NCCL timeout however long extraction takes). `build` is three steps that other drivers
-reuse (`cdam_pl.extract` runs the middle one as Lightning prediction): `prepare_build` (this rank's unfinished
+reuse (`cdam_pl.features.extract` runs the middle one as Lightning prediction): `prepare_build` (this rank's unfinished
 shards), one `ShardBuffer` per shard (filled batch by batch, then written), `finish_build` (wait for all shards,
 write the header, open the cache).
 
@@ -23,38 +23,43 @@ Validation: `load` always checks the header, each file's size and its `.npy` hea
 missing and truncated shards. Full sha256 checksums of every byte are checked only with `verify=True`; the default
 is `verify=True` for caches below `VERIFY_LIMIT` (50M) feature elements and `False` above, where hashing every
 byte on every load would cost more than it saves.
+
+The shard files themselves (names, atomic writes, checks) are handled in `cdam_pl.features._files`; the batched,
+resumable loader over a cache is `cdam_pl.features.loader`.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Subset, get_worker_info
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from cdam_pl.errors import ConfigError, DataError
+from cdam_pl.features._files import check_shards, clean_temp, shard_entry, write_shard
+from cdam_pl.features.loader import BatchedFeatureDataset, FeatureLoader
+from cdam_pl.io import atomic_write_bytes
 
 __all__ = [
+    "DTYPES",
     "FORMAT_VERSION",
     "VERIFY_LIMIT",
-    "BatchedFeatureDataset",
     "BuildPlan",
     "CacheIncomplete",
     "FeatureCache",
-    "FeatureLoader",
     "ShardBuffer",
     "cache_key",
+    "check_dtype",
     "default_cache_root",
 ]
 
@@ -133,7 +138,8 @@ def cache_key(identity: dict, transform_id: str, sample_ids: Sequence[str], extr
     return h.hexdigest()
 
 
-def _check_dtype(dtype: Any) -> np.dtype:
+def check_dtype(dtype: Any) -> np.dtype:
+    """The storage dtype named by `dtype` (a name or numpy dtype in DTYPES); ConfigError for anything else."""
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -147,75 +153,6 @@ def _cache_dir(root: str | os.PathLike, key: str) -> Path:
     if not isinstance(key, str) or len(key) < 16 or not all(c in "0123456789abcdef" for c in key):
         raise ConfigError(f"feature cache key must be a lowercase hex digest (see cache_key), got {key!r}")
     return Path(root).expanduser() / key[:16]
-
-
-def _shard_paths(directory: Path, s: int) -> tuple[Path, Path, Path]:
-    stem = f"shard_{s:05d}"
-    return directory / f"{stem}.npy", directory / f"{stem}.labels.npy", directory / f"{stem}.json"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# files
-# --------------------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to `path` via a temp file in the same directory and `os.replace`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    with open(path, "rb") as f:
-        major, _ = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
-    if fortran:
-        raise ValueError("Fortran order")
-    return tuple(shape), np.dtype(dtype)
-
-
-def _check_file(path: Path, entry: dict, shape: tuple[int, ...], dtype: np.dtype, verify: bool) -> str | None:
-    """None if `path` matches its recorded size/sha256 and `.npy` header, else what is wrong."""
-    what = "labels" if path.name.endswith(".labels.npy") else "features"
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return f"{what} file missing"
-    if size != entry.get("size"):
-        return f"{what} size mismatch ({size} != {entry.get('size')} bytes)"
-    try:
-        got_shape, got_dtype = _npy_header(path)
-    except (OSError, ValueError) as e:
-        return f"{what} header unreadable ({e})"
-    if got_shape != shape or got_dtype != dtype:
-        return f"{what} is {got_dtype}{list(got_shape)}, expected {dtype}{list(shape)}"
-    if verify and _file_sha256(path) != entry.get("sha256"):
-        return f"{what} checksum mismatch"
-    return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -252,7 +189,7 @@ class FeatureCache:
         if problem is None and header is not None:
             if verify is None:
                 verify = header["n"] * header["dim"] < VERIFY_LIMIT
-            problem = cls._check_shards(directory, header, verify)
+            problem = check_shards(directory, header, verify)
         if problem is not None:
             warnings.warn(f"feature cache {directory} is damaged ({problem}); build() rebuilds it", stacklevel=2)
             return None
@@ -276,35 +213,12 @@ class FeatureCache:
             if header.get("key") != key:
                 return None, f"header is for key {str(header.get('key'))[:16]}..., not {key[:16]}..."
             n, dim, shard_size, shards = header["n"], header["dim"], header["shard_size"], header["shards"]
-            _check_dtype(header["dtype"])
+            check_dtype(header["dtype"])
             if len(shards) != math.ceil(n / shard_size) or sum(sh["rows"] for sh in shards) != n or dim <= 0:
                 return None, "header: shard list does not add up to N"
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as e:
             return None, f"header.json unreadable: {type(e).__name__}: {e}"
         return header, None
-
-    @staticmethod
-    def _check_shards(directory: Path, header: dict, verify: bool) -> str | None:
-        dtype, dim = np.dtype(header["dtype"]), header["dim"]
-        bad = []
-        for s, sh in enumerate(header["shards"]):
-            rows = min(header["shard_size"], header["n"] - s * header["shard_size"])
-            feat, lab, _ = _shard_paths(directory, s)
-            try:
-                ok = sh["rows"] == rows and sh["features"]["file"] == feat.name and sh["labels"]["file"] == lab.name
-            except (KeyError, TypeError):
-                ok = False
-            if not ok:
-                why = "header entry inconsistent"
-            else:
-                why = _check_file(feat, sh["features"], (rows, dim), dtype, verify) or _check_file(
-                    lab, sh["labels"], (rows,), np.dtype(np.int64), verify
-                )
-            if why:
-                bad.append(f"shard {s}: {why}")
-        if not bad:
-            return None
-        return "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
 
     # --- building ---------------------------------------------------------------------------------------------
     @classmethod
@@ -334,7 +248,7 @@ class FeatureCache:
         kept, so an interrupted or damaged build resumes. With `world_size > 1` this rank extracts shards
         `s % world_size == rank`, then polls every `poll` s, up to `wait` s, for the others' shards; the rank that
         sees all shards writes `header.json`. `wait=0` raises `CacheIncomplete` at once when shards are missing.
-        (`cdam_pl.extract.extract_features` does the same with Lightning prediction on every device.)
+        (`cdam_pl.features.extract.extract_features` does the same with Lightning prediction on every device.)
         """
         if batch_size <= 0:
             raise ConfigError(f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}")
@@ -367,7 +281,7 @@ class FeatureCache:
         after removing the header (the cache is being changed) and temp files a killed run left for them.
         Fill each with `plan.buffer(s)`, then call `finish_build(plan)`.
         """
-        dt = _check_dtype(dtype)
+        dt = check_dtype(dtype)
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise ConfigError(f"feature cache dim must be a positive int, got {dim!r}")
         if shard_size <= 0:
@@ -395,16 +309,17 @@ class FeatureCache:
             )
         directory.mkdir(parents=True, exist_ok=True)
         mine = [s for s in range(rank, plan.num_shards, world_size)]
-        plan.todo = [s for s in mine if cls._shard_entry(directory, s, config, verify) is None]
+        plan.todo = [s for s in mine if shard_entry(directory, s, config, verify) is None]
         if plan.todo:
             done = len(mine) - len(plan.todo)
             if done:
-                log.info("feature cache %s: resuming, %d of %d shards of rank %d done", directory, done, len(mine), rank)
+                log.info("feature cache %s: resuming, %d of %d shards of rank %d done", directory, done, len(mine),
+                         rank)
             try:
                 (directory / HEADER).unlink()
             except FileNotFoundError:
                 pass
-            cls._clean_temp(directory, plan.todo)
+            clean_temp(directory, plan.todo)
         return plan
 
     @classmethod
@@ -416,7 +331,7 @@ class FeatureCache:
         directory, config, key = plan.directory, plan.config, plan.config["key"]
         deadline = time.monotonic() + max(0.0, wait)
         while True:
-            entries = [cls._shard_entry(directory, s, config, verify=False) for s in range(plan.num_shards)]
+            entries = [shard_entry(directory, s, config, verify=False) for s in range(plan.num_shards)]
             missing = [s for s, e in enumerate(entries) if e is None]
             if not missing:
                 break
@@ -430,7 +345,7 @@ class FeatureCache:
 
         header = {**config, "shards": entries}
         if cls._read_header(directory, key)[0] != header:
-            _atomic_write(directory / HEADER, json.dumps(header, sort_keys=True, indent=1).encode())
+            atomic_write_bytes(directory / HEADER, json.dumps(header, sort_keys=True, indent=1).encode())
         cache = cls.load(plan.root, key, verify=False)
         if cache is None:  # a concurrent writer damaged it between our checks and now
             raise DataError(f"feature cache {directory} changed while it was being finalised; run again")
@@ -438,38 +353,7 @@ class FeatureCache:
         return cache
 
     @staticmethod
-    def _shard_entry(directory: Path, s: int, config: dict, verify: bool) -> dict | None:
-        """The finished shard's header entry, or None when it must be (re)built."""
-        feat, lab, marker = _shard_paths(directory, s)
-        try:
-            m = json.loads(marker.read_text())
-            if {k: m.get(k) for k in config} != config or m.get("index") != s:
-                return None
-            rows = min(config["shard_size"], config["n"] - s * config["shard_size"])
-            entry = {"rows": m["rows"], "features": m["features"], "labels": m["labels"]}
-            if entry["rows"] != rows or entry["features"]["file"] != feat.name or entry["labels"]["file"] != lab.name:
-                return None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None
-        dtype = np.dtype(config["dtype"])
-        if _check_file(feat, entry["features"], (rows, config["dim"]), dtype, verify) or _check_file(
-            lab, entry["labels"], (rows,), np.dtype(np.int64), verify
-        ):
-            return None
-        return entry
-
-    @staticmethod
-    def _clean_temp(directory: Path, shards: list[int]) -> None:
-        """Remove temp files a killed run left for these shards (other ranks' temp files are left alone)."""
-        prefixes = tuple(f".shard_{s:05d}." for s in shards)
-        for p in directory.glob(".shard_*.tmp"):
-            if p.name.startswith(prefixes):
-                p.unlink(missing_ok=True)
-
-    @staticmethod
     def _extract(plan: "BuildPlan", dataset, extract, batch_size, num_workers, progress) -> None:
-        from tqdm.auto import tqdm
-
         loader = DataLoader(dataset, batch_sampler=plan.batches(batch_size), num_workers=num_workers)
         total = sum(b - a for a, b in map(plan.shard_range, plan.todo))
         bar = tqdm(total=total, desc=f"extracting features -> {plan.directory.name}", unit="img", disable=not progress)
@@ -513,7 +397,8 @@ class FeatureCache:
         return len(self._files)
 
     def __repr__(self) -> str:
-        return f"FeatureCache({str(self.path)!r}, N={self._n}, D={self._dim}, {self._dtype.name}, {self.num_shards} shards)"
+        return (f"FeatureCache({str(self.path)!r}, N={self._n}, D={self._dim}, {self._dtype.name}, "
+                f"{self.num_shards} shards)")
 
     def __getstate__(self) -> dict:  # DataLoader workers reopen the memmaps instead of pickling their contents
         state = self.__dict__.copy()
@@ -601,19 +486,8 @@ class FeatureCache:
         return FeatureLoader(ds, epoch_seed_fn=epoch_seed_fn, num_workers=num_workers)
 
 
-def _write_shard(directory: Path, s: int, feats: np.ndarray, labels: np.ndarray, config: dict) -> None:
-    """Write one shard's two `.npy` files, then its marker; each atomically."""
-    feat_path, lab_path, marker = _shard_paths(directory, s)
-    entry: dict[str, Any] = {"rows": int(len(labels))}
-    for name, path, arr in (("features", feat_path, feats), ("labels", lab_path, labels)):
-        data = _npy_bytes(arr)
-        _atomic_write(path, data)
-        entry[name] = {"file": path.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    _atomic_write(marker, json.dumps({**config, "index": s, **entry}, sort_keys=True).encode())
-
-
 class ShardBuffer:
-    """One shard's rows, filled batch by batch in sample order, then written with `write()` (see `_write_shard`)."""
+    """One shard's rows, filled batch by batch in sample order, then written with `write()` (see `write_shard`)."""
 
     def __init__(self, directory: Path, s: int, config: dict):
         self.directory, self.index, self.config = directory, s, config
@@ -653,7 +527,7 @@ class ShardBuffer:
     def write(self) -> None:
         if not self.full:
             raise DataError(f"feature cache: shard {self.index} has {self.filled} of {len(self.labels)} rows")
-        _write_shard(self.directory, self.index, self.features, self.labels, self.config)
+        write_shard(self.directory, self.index, self.features, self.labels, self.config)
 
 
 @dataclass
@@ -684,120 +558,3 @@ class BuildPlan:
 
     def buffer(self, s: int) -> ShardBuffer:
         return ShardBuffer(self.directory, s, self.config)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# batched loading
-# --------------------------------------------------------------------------------------------------------------
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-class BatchedFeatureDataset(IterableDataset):
-    """Yields whole batches `(features, labels)` of a `FeatureCache`; one pass is one epoch (see `loader`)."""
-
-    def __init__(self, cache: FeatureCache, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
-                 *, rank: int | None = None, world_size: int | None = None):
-        if batch_size <= 0:
-            raise ConfigError(f"batch_size must be positive, got {batch_size}")
-        self.cache, self.batch_size, self.shuffle, self.seed, self.drop_last = cache, batch_size, shuffle, seed, drop_last
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self.start = 0  # batches of this epoch to skip (a resumed epoch; see FeatureLoader.load_state_dict)
-
-    def _rank_world(self) -> tuple[int, int]:
-        rank, world = _dist_rank_world()
-        rank = rank if self.rank is None else self.rank
-        world = world if self.world_size is None else self.world_size
-        if not 0 <= rank < world:
-            raise ConfigError(f"rank {rank} is outside world_size {world}")
-        return rank, world
-
-    def _num_batches(self) -> int:
-        n = len(self.cache)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __len__(self) -> int:
-        """Batches this rank yields per epoch."""
-        nb, (_, world) = self._num_batches(), self._rank_world()
-        return nb // world if self.drop_last else math.ceil(nb / world)
-
-    def batch_indices(self, epoch: int | None = None) -> list[np.ndarray]:
-        """This rank's batches of sample indices for `epoch` (default: the current one), each sorted."""
-        epoch = self.epoch if epoch is None else epoch
-        n, bs, nb = len(self.cache), self.batch_size, self._num_batches()
-        if self.shuffle:
-            order = np.random.default_rng([int(self.seed) & 0xFFFFFFFFFFFF, int(epoch)]).permutation(n)
-        else:
-            order = np.arange(n, dtype=np.int64)
-        rank, world = self._rank_world()
-        ids = [(rank + world * i) % nb for i in range(len(self))] if nb else []
-        return [np.sort(order[b * bs : (b + 1) * bs]) for b in ids]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = self.batch_indices()[self.start :]
-        info = get_worker_info()
-        if info is not None:  # each worker yields its share; DataLoader interleaves them back in order
-            batches = batches[info.id :: info.num_workers]
-        labels = self.cache.labels
-        for idx in batches:
-            yield self.cache.features(idx), torch.from_numpy(labels[idx])
-
-
-class FeatureLoader(DataLoader):
-    """`DataLoader(BatchedFeatureDataset, batch_size=None)` that sets the dataset's epoch on every `iter()`.
-
-    Stateful for Lightning (`state_dict` / `load_state_dict`): a run resumed from a mid-epoch checkpoint continues
-    with the batch after the last one trained on, so it sees exactly the batches an uninterrupted run would.
-    """
-
-    def __init__(self, dataset: BatchedFeatureDataset, epoch_seed_fn: Callable[[], int] | None = None,
-                 num_workers: int = 0, **kwargs):
-        if kwargs.pop("persistent_workers", False):
-            raise ConfigError("FeatureLoader cannot use persistent workers: they would not see the new epoch")
-        kwargs.pop("batch_size", None)
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
-        self.epoch_seed_fn = epoch_seed_fn
-        self._next_epoch = 0
-        self._consumed = 0  # batches of the current epoch handed out so far (skipped ones included)
-        self._resume: tuple[int, int] | None = None  # (epoch, batches) from load_state_dict, used by the next iter()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next `iter()` epoch `epoch` (the counter continues from there)."""
-        self._next_epoch = int(epoch)
-
-    # Lightning saves these with every checkpoint and, when it resumes mid-epoch, loads them before the first
-    # iter(): the resumed epoch then starts at the first batch not yet trained on instead of replaying the epoch.
-    def state_dict(self) -> dict[str, int]:
-        """`{"epoch", "batches"}`: the current epoch and how many of its batches this loader has handed out."""
-        return {"epoch": int(self.dataset.epoch), "batches": int(self._consumed)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Make the next `iter()` skip the first `state["batches"]` batches, if it is epoch `state["epoch"]`."""
-        try:
-            epoch, batches = int(state["epoch"]), int(state["batches"])
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"feature loader state {state!r} is not {{'epoch': int, 'batches': int}}") from None
-        self._resume = (epoch, max(0, batches))
-
-    def __iter__(self):
-        return self._epoch()
-
-    def _epoch(self):
-        """One epoch's batches. The epoch (and the batches to skip) are fixed when the first batch is asked for,
-        not at `iter()`: Lightning calls `iter()` before it restores a checkpoint's loop progress."""
-        if self.epoch_seed_fn is not None:
-            epoch = int(self.epoch_seed_fn())
-        else:
-            epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
-        skip = 0
-        if self._resume is not None:
-            (resume_epoch, batches), self._resume = self._resume, None
-            skip = batches if resume_epoch == epoch else 0
-        self.dataset.epoch, self.dataset.start = epoch, skip
-        self._consumed = skip
-        for batch in DataLoader.__iter__(self):
-            self._consumed += 1
-            yield batch

@@ -13,8 +13,8 @@ either into: finish the batch in flight, save `last.ckpt` through the trainer (a
 resume, and train.py prints it as one line and exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
 
 Resuming with `resume=last` restores the head, optimizer, scheduler and loop counters, and the feature-cache loader
-skips the batches of the interrupted epoch already trained on (`cdam_pl.cache.FeatureLoader.state_dict`), so the
-resumed run ends with the head weights of an uninterrupted run with the same seed. (Heads with dropout draw from
+skips the batches of the interrupted epoch already trained on (`cdam_pl.features.loader.FeatureLoader.state_dict`),
+so the resumed run ends with the head weights of an uninterrupted run with the same seed. (Heads with dropout draw from
 torch's global generator, which no checkpoint restores: their resumed weights differ from an uninterrupted run's.)
 
 The handlers are installed in `on_train_start`, after Lightning has installed its own (whose SIGTERM handling would

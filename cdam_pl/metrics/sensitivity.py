@@ -1,0 +1,63 @@
+"""Class sensitivity: the maps of two classes of one image should differ, measured by their Pearson correlation
+over tokens (lower = more class-sensitive; a class-agnostic method scores 1).
+
+    r(a, b) = sum_i (a_i - mean(a)) (b_i - mean(b)) / sqrt(sum_i (a_i - mean(a))^2 * sum_i (b_i - mean(b))^2)
+
+Identical maps give 1 (also when constant); a constant map against a different one gives 0 (no linear relation
+to measure).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cdam_pl.errors import CdamError
+from cdam_pl.metrics._base import MeanMetricBase, flat_maps
+
+__all__ = ["map_correlation", "ClassSensitivity"]
+
+
+def _pearson(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise Pearson correlation of [M, N] maps. Identical maps give 1 (also when constant); a constant map
+    against a different one gives 0 (no linear relation to measure)."""
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    den = (a.square().sum(1) * b.square().sum(1)).sqrt()
+    r = (a * b).sum(1) / den.clamp_min(torch.finfo(a.dtype).tiny)
+    r = torch.where(den > 0, r, torch.zeros_like(r))
+    return torch.where((a == b).all(1), torch.ones_like(r), r).clamp(-1.0, 1.0)
+
+
+def _correlation_update(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation of paired maps [..., gh, gw] x [..., gh, gw] -> [M] (one per pair)."""
+    return _pearson(flat_maps(a), flat_maps(b))
+
+
+def map_correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation over tokens of paired maps: [B, gh, gw] x [B, gh, gw] -> [B] (any [..., gh, gw]).
+
+    Class sensitivity: the maps of two classes of one image should differ (lower = more class-sensitive).
+    Identical maps give 1, a constant map against a different one 0.
+    """
+    if a.shape != b.shape or a.ndim < 2:
+        raise CdamError(f"map_correlation needs two maps of one shape [..., gh, gw], got {tuple(a.shape)} "
+                        f"and {tuple(b.shape)}")
+    return _correlation_update(a, b).view(a.shape[:-2])
+
+
+class ClassSensitivity(MeanMetricBase):
+    """Mean Pearson correlation between the maps of two targets of the same image, by default index 0 (top-1)
+    and index 1 (top-2). Lower = more class-sensitive; a class-agnostic method scores 1."""
+
+    higher_is_better = False
+
+    def __init__(self, pair: tuple[int, int] = (0, 1), **kwargs):
+        super().__init__(**kwargs)
+        self.pair = (int(pair[0]), int(pair[1]))
+
+    def update(self, maps: Tensor) -> None:
+        """maps [B, K, gh, gw] with K > max(pair)."""
+        if maps.ndim != 4 or maps.shape[1] <= max(self.pair):
+            raise CdamError(f"ClassSensitivity needs maps [B, K>={max(self.pair) + 1}, gh, gw], "
+                            f"got {tuple(maps.shape)}")
+        self.accumulate(_correlation_update(maps[:, self.pair[0]], maps[:, self.pair[1]]))

@@ -1,0 +1,134 @@
+"""explain.py's command line: every option maps onto one `ExplainOptions` field; user errors are one line."""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from cdam_pl.app.server import serve
+from cdam_pl.cli import run_cli
+from cdam_pl.errors import CdamError, ConfigError
+from cdam_pl.explain.cdam import SIMILARITIES
+from cdam_pl.explain.registry import METHODS
+from cdam_pl.report.outputs import MAPS_LAYOUT
+from cdam_pl.report.run import ExplainOptions, explain_to_dir
+
+DESCRIPTION = """\
+Explain a trained head's decisions on any images with class-discriminative attention maps (CDAM).
+
+Point it at a checkpoint written by train.py and at images (files, folders searched recursively, or globs).
+For every image it writes a PNG panel (the image, then one overlay per target and method, titled with the class
+or concept, logit and probability, each with a diverging colour bar: red = evidence for, blue = against), the raw
+signed token scores of the whole run in one maps.npz, a manifest.json (checkpoint, backbone, image sizes, per image
+the targets, logits, probabilities, methods and their parameters, package versions) and index.html, a gallery that
+opens offline in a browser. Unreadable images are skipped with a warning and listed in the manifest."""
+
+EPILOG = """\
+examples:
+  python explain.py runs/demo/version_0/checkpoints/last.ckpt photos/ --out explained
+  python explain.py last.ckpt 'shots/**/*.jpg' --targets pred --methods cdam,attention --keep-aspect
+  python explain.py last.ckpt cat.jpg --targets cat,dog --methods cdam,smooth,integrated --n-samples 20
+  python explain.py last.ckpt imgs/ --concept stripes=examples/stripes --concept fur=examples/fur --similarity cosine
+  python explain.py last.ckpt imgs/ --img-size 224 336 --batch-size 32 --device cuda
+
+methods:
+{methods}
+
+maps.npz layout (numpy.load(path); no pickles):
+{layout}
+  rows of a method: the K targets (in --targets order, or by logit for topN), then the M concepts for methods that
+  explain concepts; class-agnostic methods have a single row.
+
+exit status: 0 on success, 2 for a user error (one line on stderr), 130 when interrupted."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other user error, instead of usage + message
+        raise ConfigError(f"{message}; see explain.py --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    known = METHODS
+    width = max(len(n) for n in known) + 2
+    epilog = EPILOG.format(
+        methods="\n".join(f"  {n:<{width}}{m.description}" for n, m in known.items()),
+        layout="\n".join(f"  {k:<20}{v}" for k, v in MAPS_LAYOUT.items()),
+    )
+    p = _Parser(prog="explain.py", description=DESCRIPTION, epilog=epilog,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .ckpt written by train.py (read with weights_only=True)")
+    p.add_argument("inputs", metavar="INPUT", nargs="*", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--serve", action="store_true",
+                   help="instead of writing files, start the local web demo on 127.0.0.1 (see cdam_pl.app)")
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="port of the web demo (with --serve)")
+    p.add_argument("--targets", default=None, metavar="SPEC",
+                   help="what to explain: topN (the N highest logits; default top3, or every class of a head with "
+                        "fewer), pred (the predicted "
+                        "class), or class names separated by commas (case-insensitive), e.g. cat,dog")
+    p.add_argument("--concept", action="append", default=[], metavar="NAME=DIR",
+                   help="a concept given by a folder of example images (its vector is their mean embedding); "
+                        "shown as extra maps of the methods that explain concepts. Repeat for several concepts")
+    p.add_argument("--similarity", choices=SIMILARITIES, default="dot",
+                   help="similarity of an image to a concept vector (default: dot, as in the paper)")
+    p.add_argument("--methods", default="cdam", metavar="LIST",
+                   help=f"comma-separated methods (default: cdam); available: {', '.join(known)}")
+    p.add_argument("--out", default="explanations", metavar="DIR",
+                   help="output folder for panels/, maps.npz, manifest.json, index.html (default: explanations)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--img-size", nargs=2, type=int, metavar=("H", "W"),
+                      help="resize every image to H x W (multiples of the patch size); default: the image size "
+                           "the head was trained at")
+    size.add_argument("--keep-aspect", action="store_true",
+                      help="keep each image's aspect ratio: about the training image area, each side rounded to a "
+                           "multiple of the patch size (the patch grid follows the image)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="images per forward pass (images of different sizes never share a batch; default: 16)")
+    p.add_argument("--device", default=None, metavar="cpu|cuda",
+                   help="where to run (default: cuda when available, else cpu)")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="backbone weights file, if it moved since training (its sha256 must match the checkpoint)")
+    p.add_argument("--n-samples", type=int, default=None, metavar="N",
+                   help="noisy samples for smooth (and other sampling methods); default: each method's own (50)")
+    p.add_argument("--noise", type=float, default=None, metavar="LAMBDA",
+                   help="noise scale as a fraction of the input's range; default: each method's own "
+                        "(smooth 0.05, integrated 0)")
+    p.add_argument("--n-steps", type=int, default=None, metavar="N",
+                   help="path steps for integrated (and other path methods); default: each method's own (50)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the noise of sampling methods, re-applied at the start of every batch (default: 0)")
+    p.add_argument("--no-panels", action="store_true",
+                   help="write maps.npz and manifest.json only (no PNGs, no gallery): drawing the panels takes "
+                        "far longer than computing the maps")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="threads that read and resize images (default: min(4, CPUs))")
+    p.add_argument("--render-processes", type=int, default=None, metavar="N",
+                   help="processes that draw the PNG panels (default: none below 16 images or 4 CPUs, else one "
+                        "per two CPUs, at most 8)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The explain.py command line; returns the exit status (2 with one line on stderr for user errors)."""
+    def run() -> int:
+        args = build_parser().parse_args(argv)
+        if args.serve:
+            return serve(args.checkpoint, args.port, weights=args.weights, device=args.device or "cpu")
+        if not args.inputs:
+            raise CdamError("no INPUT given: name image files, folders or globs (or use --serve for the web demo)")
+        options = ExplainOptions(
+            targets=args.targets, methods=args.methods, concepts=args.concept, similarity=args.similarity,
+            img_size=args.img_size, keep_aspect=args.keep_aspect, batch_size=args.batch_size, device=args.device,
+            weights=args.weights, n_samples=args.n_samples, noise=args.noise, n_steps=args.n_steps, seed=args.seed,
+            panels=not args.no_panels, workers=args.workers, render_processes=args.render_processes,
+            progress=not args.quiet)
+        summary = explain_to_dir(args.checkpoint, args.inputs, args.out, options)
+        if not args.quiet:
+            skipped = f", {len(summary.skipped)} skipped" if summary.skipped else ""
+            print(f"explained {summary.explained} images{skipped} with {', '.join(summary.methods)} in "
+                  f"{summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s)")
+            if "index" in summary.files:
+                print(f"gallery:  {summary.files['index']}")
+            print(f"maps:     {summary.files['maps']}\nmanifest: {summary.files['manifest']}")
+        return 0
+
+    return run_cli(run)

@@ -1,0 +1,266 @@
+"""explain.py's outputs: a PNG panel per image (drawn in worker processes for larger runs), the raw maps, the
+manifest and a static gallery, each file written atomically."""
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import multiprocessing
+import os
+import platform
+import re
+import urllib.parse
+from concurrent.futures import ProcessPoolExecutor
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import matplotlib.font_manager  # noqa: F401  (builds matplotlib's font cache once, before worker processes start)
+import numpy as np
+import torch
+from torch import Tensor
+
+from cdam_pl.data.images import path_text
+from cdam_pl.explain.registry import Method
+from cdam_pl.io import atomic_write, atomic_write_text
+from cdam_pl.report.inputs import Item
+from cdam_pl.viz.figures import panel
+from cdam_pl.viz.maps import DISPLAY_Q, save_png, to_uint8_image
+
+
+def safe_stem(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("._")[:60] or "image"
+
+
+def fmt_number(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.2e}"
+
+
+def render_panel(image: np.ndarray, rows: list[tuple[str, list[np.ndarray], list[str]]], suptitle: str) -> np.ndarray:
+    """One picture per image, a row per method (and one per method for concepts): the image, then an overlay per
+    map, one colour bar per row. The maps of a row share their colour range, so the targets of a method compare
+    directly."""
+    pics = [panel(image, maps, titles, suptitle=suptitle if r == 0 else None, vmax="shared", q=DISPLAY_Q,
+                      image_title=label) for r, (label, maps, titles) in enumerate(rows)]
+    width = max(p.shape[1] for p in pics)
+    pics = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255) for p in pics]
+    return np.concatenate(pics, axis=0)  # [sum of heights, W, 3]
+
+
+def save_panel(image: np.ndarray, rows, suptitle: str, path: Path) -> None:
+    save_png(render_panel(image, rows, suptitle), path)
+
+
+def default_render_processes(n_images: int, cpus: int | None = None) -> int:
+    """Drawing processes for a run: none for small runs or machines with fewer than 4 CPUs (there they compete
+    with the model's threads: 64 photos on 2 cores took 8.7 s with 2 processes, 7.0 s drawing inline), else one
+    per two CPUs, at most 8."""
+    cpus = cpus or os.cpu_count() or 1
+    return 0 if n_images < 16 or cpus < 4 else min(8, cpus // 2)
+
+
+def _init_render_worker() -> None:
+    """A drawing process: one torch thread (many processes x many threads would thrash); importing this module
+    loaded matplotlib and the drawing code."""
+    torch.set_num_threads(1)
+
+
+def _ready() -> None:
+    """Submitted once per process at start-up, so the processes start while the model loads."""
+
+
+class PanelWriter:
+    """Renders and saves panels, in worker processes for larger runs (drawing with matplotlib, not the model, is
+    then the bottleneck); at most a few panels wait at a time, so memory stays bounded."""
+
+    def __init__(self, processes: int):
+        self.pool = None
+        self.pending: list = []
+        self.limit = 4 * max(1, processes)
+        if processes > 0:
+            self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_render_worker)
+            self.pending = [self.pool.submit(_ready) for _ in range(processes)]
+
+    def submit(self, image: np.ndarray, rows, suptitle: str, path: Path) -> None:
+        if self.pool is None:
+            save_panel(image, rows, suptitle, path)
+            return
+        self.pending.append(self.pool.submit(save_panel, image, rows, suptitle, path))
+        while len(self.pending) > self.limit:
+            self.pending.pop(0).result()
+
+    def close(self, wait: bool = True) -> None:
+        try:
+            if wait:
+                for f in self.pending:
+                    f.result()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=wait, cancel_futures=not wait)
+
+
+class Results:
+    """Everything a run keeps per image: its rows of maps.npz, its panel (unless panels is None), its manifest
+    entry."""
+
+    def __init__(self, out: Path, classes: list[str], concept_names: list[str], similarity: str,
+                 methods: list[Method], params: dict[str, dict], backbone, n_inputs: int,
+                 panels: PanelWriter | None):
+        self.out, self.classes, self.concept_names, self.similarity = out, classes, concept_names, similarity
+        self.methods, self.params, self.panels = methods, params, panels
+        self.dc = backbone.data_config
+        self.grid_size = backbone.grid_size
+        self.width = max(4, len(str(n_inputs)))
+        self.arrays: dict[str, np.ndarray] = {}
+        self.records: list[dict[str, Any]] = []
+
+    def add_batch(self, items: list[tuple[Item, tuple[int, int]]], images: Tensor, logits: Tensor, idx: Tensor,
+                  scores: Tensor | None, maps: dict[str, np.ndarray]) -> None:
+        """items: (item, original size) per image; images [B,3,H,W]; logits [B,C]; idx [B,K]; scores [B,M];
+        maps: method -> [B, R, h, w]."""
+        logits = logits.float().cpu()
+        probs = logits.softmax(dim=1).numpy()
+        logits = logits.numpy()
+        idx = idx.cpu().numpy()
+        scores = None if scores is None else scores.float().cpu().numpy()
+        images = images.cpu()
+        for b, (it, orig) in enumerate(items):
+            self._add(it, orig, images[b], logits[b], probs[b], idx[b], None if scores is None else scores[b],
+                      {name: m[b] for name, m in maps.items()})
+
+    def _add(self, it: Item, orig, image: Tensor, logits, probs, idx, scores, maps) -> None:
+        i, classes = it.index, self.classes
+        pred = int(logits.argmax())
+        targets = [{"class": classes[c], "index": int(c), "logit": float(logits[c]), "probability": float(probs[c])}
+                   for c in idx]
+        concepts = [] if scores is None else [{"name": n, "score": float(s)}
+                                              for n, s in zip(self.concept_names, scores)]
+        self.arrays[f"{i}/logits"] = logits.astype(np.float32)
+        self.arrays[f"{i}/targets"] = idx.astype(np.int64)
+        if scores is not None:
+            self.arrays[f"{i}/concept_scores"] = scores.astype(np.float32)
+
+        rows, map_info = [], {}
+        for m in self.methods:
+            grid = np.ascontiguousarray(maps[m.name], dtype=np.float32)  # [R, h, w]
+            if not m.class_specific:
+                labels = ["image"]
+                rows.append((m.name, list(grid), ["class-agnostic"]))
+            else:
+                labels = [f"class:{t['class']}" for t in targets]
+                rows.append((m.name, list(grid[:len(targets)]),
+                             [f"{t['class']}\nlogit {fmt_number(t['logit'])}, p {t['probability']:.2f}"
+                              for t in targets]))
+                if m.takes_concepts and concepts:  # own row and colour range: similarities have another scale
+                    labels += [f"concept:{c['name']}" for c in concepts]
+                    rows.append((f"{m.name}: concepts", list(grid[len(targets):]),
+                                 [f"concept {c['name']}\n{self.similarity} {fmt_number(c['score'])}"
+                                  for c in concepts]))
+            key = f"{i}/{m.name}"
+            self.arrays[key] = grid
+            self.arrays[f"{key}/rows"] = np.array(labels)
+            map_info[m.name] = {"key": key, "shape": list(grid.shape), "rows": labels, "params": self.params[m.name]}
+
+        rel = None
+        if self.panels is not None:
+            rel = f"panels/{i:0{self.width}d}_{safe_stem(it.path)}.png"
+            picture = to_display(image, self.dc)  # what the model saw, [H, W, 3] uint8
+            self.panels.submit(picture, rows, f"{path_text(it.path.name)}: predicted {classes[pred]} "
+                                              f"(p {probs[pred]:.2f})",
+                               self.out / rel)
+        self.records.append({
+            "index": i, "path": path_text(it.path), "name": path_text(it.path.name), "panel": rel,
+            "original_size": list(orig), "input_size": list(it.size), "grid": list(self.grid_size(*it.size)),
+            "prediction": {"class": classes[pred], "index": pred, "logit": float(logits[pred]),
+                           "probability": float(probs[pred])},
+            "targets": targets, "concepts": concepts, "maps": map_info,
+        })
+
+
+def to_display(image: Tensor, dc: dict[str, Any]) -> np.ndarray:
+    return to_uint8_image(image, mean=dc["mean"], std=dc["std"])
+
+
+def gallery_html(manifest: dict[str, Any]) -> str:
+    """Static gallery: relative links to the panels, inline CSS, no external assets."""
+    e = html.escape
+    ck, bb = manifest["checkpoint"], manifest["backbone"]
+    methods = ", ".join(m["name"] for m in manifest["methods"])
+    figures = []
+    for im in manifest["images"]:
+        src = urllib.parse.quote(im["panel"])
+        pred = im["prediction"]
+        figures.append(
+            f'<figure id="image-{im["index"]}"><a href="{src}"><img src="{src}" alt="{e(im["name"])}" '
+            f'loading="lazy"></a><figcaption><b>{e(im["name"])}</b> &middot; predicted {e(pred["class"])} '
+            f'(p {pred["probability"]:.2f}) &middot; <code>{e(im["path"])}</code></figcaption></figure>')
+    skipped = "".join(f"<li><code>{e(s['path'])}</code>: {e(s['reason'])}</li>" for s in manifest["skipped"])
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>CDAM explanations: {e(Path(ck["path"]).name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+figure {{ margin: 0 0 2em 0; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
+figcaption {{ font-size: 0.9em; margin-top: 0.3em; }} code {{ color: #555; }}
+</style></head>
+<body>
+<h1>CDAM explanations</h1>
+<p>checkpoint <code>{e(ck["path"])}</code> &middot; backbone {e(bb["name"])} ({e(str(bb["weights"]))})
+&middot; methods {e(methods)} &middot; targets {e(manifest["targets"])}
+&middot; {len(manifest["images"])} images explained, {len(manifest["skipped"])} skipped.
+Red = evidence for the target, blue = against it; the maps of a row share one colour bar.
+Raw maps: <a href="{e(manifest["maps"]["file"])}">{e(manifest["maps"]["file"])}</a>,
+details: <a href="manifest.json">manifest.json</a>.</p>
+{chr(10).join(figures)}
+{f"<h2>Skipped</h2><ul>{skipped}</ul>" if skipped else ""}
+</body></html>
+"""
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("cdam-pl", "torch", "torchvision", "timm", "numpy", "pillow", "matplotlib", "lightning"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "source checkout (not pip-installed)" if dist == "cdam-pl" else "not installed"
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+MAPS_LAYOUT = {
+    "images": "str [N]: path of every explained image, in index order",
+    "index": "int64 [N]: each image's index i (its position in the sorted input list; unreadable images leave gaps)",
+    "classes": "str [C]: the head's class names",
+    "concepts": "str [M]: concept names",
+    "methods": "str [#methods]",
+    "{i}/logits": "float32 [C]: raw head outputs of image i",
+    "{i}/targets": "int64 [K]: class indices explained for image i",
+    "{i}/concept_scores": "float32 [M]: similarity of image i to each concept (when concepts are given)",
+    "{i}/{method}": "float32 [R, gh, gw]: signed token scores of image i (stored unclipped)",
+    "{i}/{method}/rows": "str [R]: what each row explains: 'class:NAME', 'concept:NAME' or 'image' (class-agnostic)",
+}
+
+
+def write_outputs(out: Path, arrays: dict[str, np.ndarray], records, classes, concept_names, methods, manifest,
+                   panels: bool) -> dict[str, Path]:
+    """maps.npz, manifest.json and (with panels) index.html, each written atomically."""
+    arrays = {**arrays,
+              "images": np.array([r["path"] for r in records]),
+              "index": np.array([r["index"] for r in records], dtype=np.int64),
+              "classes": np.array(classes),
+              "concepts": np.array(concept_names, dtype=str),
+              "methods": np.array([m.name for m in methods])}
+    files = {"maps": atomic_write(out / "maps.npz", lambda f: np.savez(f, **arrays)),
+             "manifest": atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")}
+    if panels:
+        files["index"] = atomic_write_text(out / "index.html", gallery_html(manifest))
+        files["panels"] = out / "panels"
+    return files
