@@ -20,8 +20,9 @@ from cdam_pl.explain.registry import register_method
 
 
 def _captum():
+    """captum.attr, imported on first use: explain.py runs without it unless an input-space method is asked for."""
     try:
-        import captum.attr as attr
+        import captum.attr as attr  # optional at run time: only ig, smoothgrad and ixg need it
     except ImportError:
         raise CdamError("input-space methods need captum: pip install captum") from None
     return attr

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+from timm.layers import Attention
 from torch import Tensor, nn
 
 from cdam_pl.backbone import FrozenViT
@@ -48,8 +49,6 @@ def recording_attention(backbone: FrozenViT) -> Iterator[list[Tensor]]:
     """Inside the block, every forward of the backbone appends each block's attention probabilities
     [B, heads, T, T] (in block order) to the yielded list; they are in the autograd graph when the input requires
     grad. The original forwards are always restored on exit."""
-    from timm.layers import Attention
-
     attns = [blk.attn for blk in backbone.model.blocks]
     bad = [type(a).__name__ for a in attns if type(a) is not Attention or getattr(a, "gate", None) is not None]
     if bad:
