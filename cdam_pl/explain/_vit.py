@@ -83,36 +83,45 @@ def plain(t: Tensor) -> Tensor:
 
 
 class LastBlock:
-    """The last block, final norm and a score function, evaluated for the CLS query only."""
+    """The last block, the final norm and the pooling of the feature, from the last block's input z.
+
+    When the feature reads only the CLS token, the block runs for the CLS query alone (keys and values still come
+    from every token): exact, since no other query row reaches the CLS output. Otherwise it runs for every query.
+    """
 
     def __init__(self, backbone: FrozenViT):
         m = backbone.model
         self.block = m.blocks[-1]
         self.attn = self.block.attn
-        self.final_norm = m.norm
+        self.pool = backbone.pool
+        self.cls_only = backbone.reads_cls_only
         self.num_prefix = backbone.num_prefix_tokens
+        fc1 = getattr(self.block.mlp, "fc1", None)
+        self.hidden = int(getattr(fc1, "out_features", 4 * backbone.embed_dim))  # MLP width (sizes memory chunks)
 
     def projections(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Bias-free q (CLS only), k, v projections of T = norm1(z); no autograd. Shapes [B,1,A], [B,T,A], [B,T,A]."""
+        """Bias-free q, k, v projections of T = norm1(z), no autograd: [B, Q, A], [B, T, A], [B, T, A] with Q = 1 (the
+        CLS query) when the feature reads only the CLS token, else Q = T."""
         with torch.no_grad():
             t = self.block.norm1(z)  # [B, T, D]
             w_q, w_k, w_v = self.attn.qkv.weight.chunk(3, dim=0)
-            return F.linear(t[:, :1], w_q), F.linear(t, w_k), F.linear(t, w_v)
+            return F.linear(t[:, :1] if self.cls_only else t, w_q), F.linear(t, w_k), F.linear(t, w_v)
 
     def _heads(self, x: Tensor) -> Tensor:  # [B, T, A] -> [B, heads, T, head_dim]
         b, t, _ = x.shape
         return x.view(b, t, self.attn.num_heads, self.attn.head_dim).transpose(1, 2)
 
     def forward(self, z: Tensor, q_lin: Tensor, k_lin: Tensor, v_lin: Tensor) -> tuple[Tensor, Tensor]:
-        """-> (embedding [B, D], CLS attention probabilities [B, heads, T])."""
+        """-> (feature [B, F], CLS attention probabilities [B, heads, T])."""
         attn = self.attn
         bias = attn.qkv.bias
         b_q, b_k, b_v = bias.chunk(3) if bias is not None else (0.0, 0.0, 0.0)
-        q = attn.q_norm(self._heads(q_lin + b_q))  # [B, h, 1, dh]
+        n_q = q_lin.shape[1]  # 1 (the CLS query) or T
+        q = attn.q_norm(self._heads(q_lin + b_q))  # [B, h, Q, dh]
         k = attn.k_norm(self._heads(k_lin + b_k))  # [B, h, T, dh]
         v = self._heads(v_lin + b_v)
-        probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, h, 1, T]
-        out = (probs @ v).transpose(1, 2).reshape(z.shape[0], 1, attn.attn_dim)  # [B, 1, A]
-        x = z[:, :1] + self.block.ls1(attn.proj(attn.norm(out)))  # [B, 1, D]
+        probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, h, Q, T]
+        out = (probs @ v).transpose(1, 2).reshape(z.shape[0], n_q, attn.attn_dim)  # [B, Q, A]
+        x = z[:, :n_q] + self.block.ls1(attn.proj(attn.norm(out)))  # [B, Q, D]
         x = x + self.block.ls2(self.block.mlp(self.block.norm2(x)))
-        return self.final_norm(x)[:, 0], probs[:, :, 0]
+        return self.pool(x), probs[:, :, 0]

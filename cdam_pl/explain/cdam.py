@@ -6,14 +6,16 @@ to the (gh, gw) grid.
 
 How it is computed, exactly and cheaply:
 - The blocks before the last run once without autograd; the result z is the last block's input.
-- The head reads only the CLS token, and after the last block the CLS token depends on the other tokens only
-  through the CLS query's attention row. So the last block is evaluated for the CLS query alone (keys and values
-  still come from every token); the output is the same embedding as the full block.
-- A patch token T_i reaches f only through its key and value, k_i = W_k T_i + b_k and v_i = W_v T_i + b_v
-  (its own query feeds only its own output token, which the head never reads). For a linear map
+- When the head reads only the CLS token (pooling "cls"), the CLS token depends on the other tokens after the last
+  block only through the CLS query's attention row. So the last block is evaluated for the CLS query alone (keys
+  and values still come from every token); the output is the same embedding as the full block. A patch token T_i
+  then reaches f only through its key and value, k_i = W_k T_i + b_k and v_i = W_v T_i + b_v. For a linear map
   T_i . (W^T g) = (W T_i) . g, so with k^lin_i = W_k T_i and v^lin_i = W_v T_i (no bias):
       S_i = k^lin_i . df/dk^lin_i + v^lin_i . df/dv^lin_i
   which is the definition, rearranged; the backward never multiplies by a D x D weight.
+- When the head reads pooled patch tokens ("avg", "cls+avg"), every token's output matters: the last block runs for
+  every query, and T_i also reaches f through its query: S_i = q^lin_i . df/dq^lin_i + k^lin_i . df/dk^lin_i +
+  v^lin_i . df/dv^lin_i. The definition is unchanged; only the shortcut no longer applies.
 - All K targets of a batch share one forward: their gradients come from one batched vector-Jacobian product
   (`torch.autograd.grad(..., is_grads_batched=True)`), in memory-bounded chunks of targets.
 - Smooth and Integrated CDAM perturb z and re-run only the last block, batched over samples in chunks.
@@ -48,7 +50,7 @@ class Explanation:
     """Everything one forward pass yields. Tensors stay on the images' device."""
 
     logits: Tensor  # [B, C] raw head outputs on the unperturbed images
-    embeddings: Tensor  # [B, D] CLS after the final norm
+    embeddings: Tensor  # [B, F] the feature the head reads (the pooled tokens after the final norm)
     targets: Tensor | None  # [B, K] class indices that class_maps refer to
     class_maps: Tensor | None  # [B, K, gh, gw] signed CDAM per target
     concept_scores: Tensor | None  # [B, M] similarity of each image to each concept vector
@@ -149,9 +151,9 @@ class CDAM:
 
     # --- internals ---------------------------------------------------------------------------------------------
     def _check_concepts(self, vectors: Tensor, images: Tensor) -> Tensor:
-        if vectors.ndim != 2 or vectors.shape[1] != self.backbone.embed_dim:
+        if vectors.ndim != 2 or vectors.shape[1] != self.backbone.feature_dim:
             raise CdamError(
-                f"concept vectors must be [M, {self.backbone.embed_dim}], got {tuple(vectors.shape)}; "
+                f"concept vectors must be [M, {self.backbone.feature_dim}], got {tuple(vectors.shape)}; "
                 "build them with cdam_pl.explain.concept_vectors"
             )
         return vectors.to(device=images.device, dtype=images.dtype)
@@ -182,8 +184,11 @@ class CDAM:
         flat = z.reshape(b, -1)
         sigma = lam * (flat.max(1).values - flat.min(1).values)  # [B]: noise scale per image
         k_tot = (0 if idx is None else idx.shape[1]) + (0 if vectors is None else vectors.shape[0])
-        # Samples per chunk: bounded by the gradients (K * B * T * A * 2 per sample) and the activations.
+        # Samples per chunk: bounded by the gradients (K * B * T * A * 2 per sample) and the activations; with every
+        # query row, also by each target's attention and MLP gradients.
         per_sample = b * t * max(d, self._last.attn.attn_dim) * (2 * k_tot + 8)
+        if not self._last.cls_only:
+            per_sample += k_tot * b * t * (self._last.attn.attn_dim + self._last.attn.num_heads * t + self._last.hidden)
         chunk = max(1, min(len(scales), self.max_elements // max(per_sample, 1)))
         total = None
         for start in range(0, len(scales), chunk):
@@ -207,6 +212,9 @@ class CDAM:
         q_lin, k_lin, v_lin = proj
         k_lin = k_lin.detach().requires_grad_()
         v_lin = v_lin.detach().requires_grad_()
+        full = not self._last.cls_only  # every query row reaches the feature: T_i also acts through its query
+        if full:
+            q_lin = q_lin.detach().requires_grad_()
         emb, _ = self._last.forward(z, q_lin, k_lin, v_lin)
         parts = []
         if idx is not None:
@@ -216,15 +224,20 @@ class CDAM:
         out = torch.cat(parts, dim=1)  # [B, K+M]
         b, k = out.shape
         t, a = k_lin.shape[1], k_lin.shape[2]
-        chunk = max(1, min(k, self.max_elements // (2 * b * t * a)))
+        # Elements one target's backward holds: the projections' gradients, and with every query row the attention
+        # probabilities' and the MLP's activation gradients as well.
+        per_target = b * t * (3 * a + self._last.attn.num_heads * t + self._last.hidden) if full else 2 * b * t * a
+        chunk = max(1, min(k, self.max_elements // per_target))
+        inputs = (k_lin, v_lin, q_lin) if full else (k_lin, v_lin)
         scores = []
         for start in range(0, k, chunk):
             n = min(chunk, k - start)
             eye = torch.zeros(n, b, k, device=out.device, dtype=out.dtype)  # one-hot cotangent per target
             eye[torch.arange(n), :, start + torch.arange(n)] = 1
-            dk, dv = torch.autograd.grad(out, (k_lin, v_lin), eye, retain_graph=start + n < k, is_grads_batched=True)
+            grads = torch.autograd.grad(out, inputs, eye, retain_graph=start + n < k, is_grads_batched=True)
             # [n, B, T, A] -> [n, B, T]
-            scores.append((dk * k_lin.detach()).sum(-1) + (dv * v_lin.detach()).sum(-1))
+            s = (grads[0] * k_lin.detach()).sum(-1) + (grads[1] * v_lin.detach()).sum(-1)
+            scores.append(s + (grads[2] * q_lin.detach()).sum(-1) if full else s)
         return torch.cat(scores).permute(1, 0, 2)  # [B, K+M, T]
 
 

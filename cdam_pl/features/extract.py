@@ -190,7 +190,7 @@ def extract_features(
     rank waits up to `wait` s (polling every `poll` s) for the other ranks' shards, which must appear in the same
     directory: `root` must be on a file system that every node shares.
     """
-    dim = int(dim if dim is not None else backbone.embed_dim)
+    dim = int(dim if dim is not None else backbone.feature_dim)
     dtype = check_dtype(dtype).name
     if len(dataset) == 0:
         raise DataError("cannot build a feature cache from an empty dataset")

@@ -40,7 +40,7 @@ class HeadClassifier(L.LightningModule):
         self.optim_cfg = {**asdict(OptimConfig()), **(optim or {})}  # the schema's defaults, then the given values
         self.config = dict(config or {})
         c = len(self.classes)
-        self.head = build_head(in_dim=backbone.embed_dim, num_classes=c, **self.head_cfg)
+        self.head = build_head(in_dim=backbone.feature_dim, num_classes=c, **self.head_cfg)
         metrics = {
             "acc": MulticlassAccuracy(c, average="micro"),
             "f1_macro": MulticlassF1Score(c, average="macro"),

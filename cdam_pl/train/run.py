@@ -35,7 +35,8 @@ from cdam_pl.train.signals import FiniteLossGuard, GracefulStop, RestoreLoaderSt
 
 def build_backbone(cfg: DictConfig) -> FrozenViT:
     b = cfg.backbone
-    return load_backbone(b.name, weights=b.weights, img_size=b.img_size, **OmegaConf.to_container(b.kwargs))
+    return load_backbone(b.name, weights=b.weights, img_size=b.img_size, pool=b.pool,
+                         **OmegaConf.to_container(b.kwargs))
 
 
 def build_datamodule(cfg: DictConfig, backbone: FrozenViT) -> ImageDataModule:
