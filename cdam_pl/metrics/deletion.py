@@ -209,8 +209,8 @@ def random_tokens(batch: int, num_tokens: int, n: int, repeats: int = 1, generat
 
 def embed_without_tokens(backbone: nn.Module, images: Tensor, remove: Tensor,
                          max_elements: int = DELETION_MAX_ELEMENTS) -> Tensor:
-    """Embeddings (CLS after the final norm) with patch tokens removed after the position embedding:
-    images [B, 3, H, W], remove [B, R, n] patch indices -> [B, R, D].
+    """Features (the pooled tokens after the final norm) with patch tokens removed after the position embedding:
+    images [B, 3, H, W], remove [B, R, n] patch indices -> [B, R, F].
 
     Each image is embedded once; each of its R removal sets gives one shorter sequence (prefix tokens kept, the
     kept tokens in their original order) through every block. Head-independent, so a caller may keep the result

@@ -54,7 +54,7 @@ class HeadClassifier(L.LightningModule):
 
     # --- forward ----------------------------------------------------------------------------------------------
     def features(self, x: Tensor) -> Tensor:
-        """Images -> frozen CLS features (no autograd); cached features pass through."""
+        """Images -> frozen pooled features (no autograd); cached features pass through."""
         if x.ndim == 2:
             return x.float()
         with torch.no_grad():
