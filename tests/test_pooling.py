@@ -155,9 +155,10 @@ def test_integrated_cdam_matches_reference(key, pool, noise):
                                      generator=torch.Generator().manual_seed(2))
     for row, cls in enumerate([3, 0]):
         gen = torch.Generator().manual_seed(2)
-        ref = sum(naive_cdam(bb, lambda e, c=cls: head(e)[:, c], images,
-                             (lambda z, k=k, g=gen: _noisy(z, k, g, noise, k / m)) if noise else (lambda z, k=k: z * k / m))
-                  for k in range(1, m)) / (m - 1)
+        def path(k):  # the k-th point of the path from zero to z, with the engine's noise draw when noise > 0
+            return (lambda z, g=gen: _noisy(z, k, g, noise, k / m)) if noise else (lambda z: z * k / m)
+
+        ref = sum(naive_cdam(bb, lambda e, c=cls: head(e)[:, c], images, path(k)) for k in range(1, m)) / (m - 1)
         assert rel_err(maps[:, row].double(), ref) < RTOL
 
 
