@@ -1,30 +1,39 @@
-"""`ExplanationCallback`: watch, epoch by epoch beside the accuracy curves, which evidence a head learns to use.
+"""`ExplanationCallback`: watch, epoch by epoch beside the accuracy curves, which evidence a classifier learns to use.
 
-It tracks a fixed set of validation images (stratified by class, seeded: the same images every epoch) and logs, for
-each of them, from ONE batched `CDAM.explain` call per logging step:
+Built from keyword arguments alone, so any Lightning project (and LightningCLI's YAML) can add it. It tracks a fixed
+set of validation images (stratified by class, seeded: the same images every epoch; picked when training starts
+from the validation data the trainer has, or given as tensors) and logs, for each of them, from ONE batched
+`CDAM.explain` call per logging step:
 - class maps (CDAM) of the true class, the predicted class and the top-k classes (so a mistake shows what drove it);
-- concept maps of every configured concept (`explain.concepts`: name -> folder of example images) and, with
-  `explain.class_mean_concepts`, of the training-set class mean of the image's true class;
+- concept maps of every configured concept (name -> folder of example images, or example tensors) and, with
+  `class_mean_data`, of the training-set class mean of the image's true class;
 - the class-agnostic attention map (last block, CLS query, mean of heads), for comparison.
 
-TensorBoard images have stable tags, one per tracked image and map kind: `explain/img00/classes`,
-`explain/img00/concepts`, `explain/img00/attention`. Scalars per logging step: `explain/compactness`,
-`explain/class_sensitivity`, `explain/faithfulness` (+ `explain/deletion_drop_top`, `explain/deletion_drop_random`);
-histograms `explain/scores_predicted` and `explain/faithfulness_per_image`. At the end of fitting one PNG strip per
-tracked image (maps across the logged epochs) goes to `<log_dir>/explanations/`.
+What it explains (`cdam_pl.train.explained.find_model`): this project's HeadClassifier, a LightningModule's
+`cdam_model()`, or the one timm / Hugging Face ViT among the module's children.
 
-Step convention: step = number of training epochs completed. Step 0 is the untrained head, logged in
+Pictures have stable tags, one per tracked image and map kind: `explain/img00/classes` (a grid of at most three maps a
+row), `explain/img00/concepts`, `explain/img00/attention`. Scalars per logging step: `explain/compactness`,
+`explain/class_sensitivity`, `explain/faithfulness` (+ `explain/deletion_drop_top`, `explain/deletion_drop_random`);
+TensorBoard also gets the histograms `explain/scores_predicted` and `explain/faithfulness_per_image`. Where each
+logger gets them (TensorBoard, `log_image` loggers such as W&B, PNG files for the others):
+`cdam_pl.train.publish`. At the end of fitting one PNG strip per tracked image (maps across the logged epochs) goes
+to `<log_dir>/explanations/`.
+
+Step convention: step = number of training epochs completed. Step 0 is the untrained model, logged in
 `on_train_start` (before the first training epoch); the validation at the end of epoch e (Lightning's
 `current_epoch` = e) logs step e + 1, every `every_n_epochs` steps and after the last epoch (at the end of fitting
 when no validation ran after it, e.g. an early stop or no validation set).
 
-Concept and attention maps depend only on the frozen backbone, never on the head: they are logged at every step (so
-every tag exists at every step) but are identical across steps, and the strips show them once.
+With a frozen backbone, concept and attention maps depend only on it, never on the head: they are logged at every
+step (so every tag exists at every step) but are identical across steps, and the strips show them once. A backbone
+that trains (fine-tuning end to end) changes them: concept vectors are then recomputed at every logging step and the
+strips show those maps per step too.
 
 It never changes training: it runs on the global-zero process only and calls nothing that synchronises processes
-(no collective inside a rank-zero branch), never draws from the global RNG, restores every module mode it changes
-(the engine does too), registers no hooks, and reads images from the datasets directly (no DataLoader, whose
-iterator would draw a seed from the global RNG).
+(no collective inside a rank-zero branch), never draws from the global RNG (reading validation samples restores
+every global RNG state), restores every module mode it changes (the engine does too), registers no hooks, and reads
+images from the datasets directly (no DataLoader, whose iterator would draw a seed from the global RNG).
 """
 from __future__ import annotations
 
@@ -32,7 +41,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import lightning as L
 import numpy as np
@@ -41,15 +50,20 @@ from torch import Tensor, nn
 
 from cdam_pl.data.images import list_images, load_image
 from cdam_pl.data.splits import stratified_subset
+from cdam_pl.data.transforms import build_transform
 from cdam_pl.errors import CdamError, ConfigError, DataError
-from cdam_pl.explain.cdam import CDAM, concept_vectors
+from cdam_pl.explain.cdam import CDAM, SIMILARITIES, concept_vectors
 from cdam_pl.metrics.compactness import compactness
 from cdam_pl.metrics.deletion import deletion_drop, embed_without_tokens
 from cdam_pl.metrics.sensitivity import map_correlation
+from cdam_pl.train.explained import Explained, find_model, pick_images
+from cdam_pl.train.publish import EXPLANATIONS_DIR, log_dir, publish
 from cdam_pl.viz.figures import panel, strip
 from cdam_pl.viz.maps import DISPLAY_Q, overlay, save_png, to_uint8_image
 
-__all__ = ["ExplanationCallback", "Snapshot", "load_concept_images"]
+__all__ = ["ExplanationCallback", "Snapshot", "check_concept_folder", "load_concept_images"]
+
+MAPS_PER_ROW = 3  # class maps per row of the classes picture: one long row is too small inside a TensorBoard card
 
 
 @dataclass
@@ -67,10 +81,19 @@ class Snapshot:
     faithfulness: Tensor  # [B] drop_top - drop_random per image
 
 
+def check_concept_folder(name: str, folder: str) -> list[Path]:
+    """The image files of one concept's folder; a one-line ConfigError naming the concept when there are none."""
+    try:
+        return list_images(folder)
+    except DataError as e:
+        raise ConfigError(f"explain.concepts.{name}: {e}; give a folder with one or more example images") from None
+
+
 def load_concept_images(name: str, folder: str, transform) -> Tensor:
     """The example images of one concept as a batch [n, 3, H, W]; a one-line ConfigError naming the concept."""
+    files = check_concept_folder(name, folder)
     try:
-        return torch.stack([transform(load_image(f)) for f in list_images(folder)])
+        return torch.stack([transform(load_image(f)) for f in files])
     except DataError as e:
         raise ConfigError(f"explain.concepts.{name}: {e}; give a folder with one or more example images") from None
 
@@ -105,24 +128,30 @@ class _RemovedTokenEmbeddings:
 class ExplanationCallback(L.Callback):
     """Log CDAM class/concept maps, attention maps and explanation-quality scalars of tracked images during fitting.
 
-    images [B, 3, H, W] (eval transform) and labels [B] are the tracked validation images. concepts: name ->
-    example images [n, 3, H, W]. class_mean_data: a dataset of (image tensor, label) with `.targets` (the training
-    set with the eval transform) for class-mean concepts, or None. The LightningModule must expose `.backbone`
-    (a FrozenViT) and `.head`. See the module docstring for what is logged and when.
+    num_images: how many validation images to track, picked when training starts (stratified by class, seeded with
+    `seed`) from `trainer.datamodule.val_dataset` or the validation dataloaders' dataset; labels from the dataset's
+    `targets` when it has them, else read from at most `max_label_reads` samples. Or pass `images` [B, 3, H, W] (as
+    the model takes them) and `labels` [B] yourself. classes: names, else the data's `classes`, else the model's
+    (a Hugging Face config), else the indices. concepts: name -> folder of example images (read with the data's
+    eval transform, else resized to the tracked images' size and normalised with `mean`/`std`) or a tensor
+    [n, 3, H, W]. class_mean_data: a dataset of (image tensor, label) with `.targets` for class-mean concepts.
+    mean/std: the images' normalisation, to show them (default: the DataModule's `mean`/`std`, if any).
+    See the module docstring for what is logged, when, and where.
     """
 
     def __init__(
         self,
-        images: Tensor,
-        labels: Sequence[int] | Tensor,
-        classes: Sequence[str],
-        *,
-        ids: Sequence[str] | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
+        num_images: int = 8,
         every_n_epochs: int = 1,
         top_k: int = 3,
-        concepts: Mapping[str, Tensor] | None = None,
+        concepts: Optional[Dict[str, Union[str, Path, Tensor]]] = None,
+        *,
+        images: Optional[Tensor] = None,
+        labels: Optional[Union[Sequence[int], Tensor]] = None,
+        classes: Optional[List[str]] = None,
+        ids: Optional[List[str]] = None,
+        mean: Optional[List[float]] = None,
+        std: Optional[List[float]] = None,
         class_mean_data: Any = None,
         max_class_mean_images: int = 2000,
         similarity: str = "dot",
@@ -130,32 +159,46 @@ class ExplanationCallback(L.Callback):
         n_random: int = 4,
         seed: int = 0,
         max_strip_columns: int = 10,
+        max_label_reads: int = 5000,
     ):
         super().__init__()
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0:
-            raise CdamError(f"tracked images must be a non-empty [B, 3, H, W] tensor, got {tuple(images.shape)}")
-        for key, value in (("every_n_epochs", every_n_epochs), ("top_k", top_k), ("n_random", n_random),
-                           ("max_class_mean_images", max_class_mean_images)):
-            if int(value) < 1:
+        for key, value in (("num_images", num_images), ("every_n_epochs", every_n_epochs), ("top_k", top_k),
+                           ("n_random", n_random), ("max_class_mean_images", max_class_mean_images),
+                           ("max_label_reads", max_label_reads)):
+            if isinstance(value, bool) or int(value) < 1:
                 raise ConfigError(f"explain.{key} must be > 0, got {value}")
         if int(max_strip_columns) < 2:
             raise ConfigError(f"max_strip_columns must be >= 2, got {max_strip_columns}")
-        self.images = images.detach().cpu().clone()  # [B, 3, H, W]
-        self.labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).cpu()  # [B]
-        if self.labels.shape[0] != self.images.shape[0]:
-            raise CdamError(f"got {self.images.shape[0]} tracked images but {self.labels.shape[0]} labels")
-        self.classes = [str(c) for c in classes]
-        self.ids = list(ids) if ids is not None else [f"image {i}" for i in range(len(self.labels))]
+        if similarity not in SIMILARITIES:
+            raise ConfigError(f"explain.similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
+        if (images is None) != (labels is None):
+            raise ConfigError("pass images and labels together (or neither: the callback then picks validation "
+                              "images itself)")
+        self.num_images = int(num_images)
+        self.images: Tensor | None = None  # [B, 3, H, W]
+        self.labels: Tensor | None = None  # [B]
+        if images is not None:
+            self._track(images, labels, ids)
+        self.classes = None if classes is None else [str(c) for c in classes]
         self.mean, self.std = mean, std
         self.every_n_epochs, self.top_k = int(every_n_epochs), int(top_k)
-        self.concept_images = {str(k): v.detach().cpu() for k, v in (concepts or {}).items()}
+        self.concept_images: dict[str, Tensor] = {}
+        self._concept_folders: dict[str, str] = {}  # read when fitting starts, with the data's transform
+        for name, value in (concepts or {}).items():
+            if isinstance(value, Tensor):
+                self.concept_images[str(name)] = value.detach().cpu()
+            else:
+                self._concept_folders[str(name)] = str(value)
+                check_concept_folder(str(name), str(value))  # a bad folder fails now, before training
         self.class_mean_data = class_mean_data
         self.max_class_mean_images = int(max_class_mean_images)
         self.similarity = similarity
         self.deletion_fraction, self.n_random, self.seed = float(deletion_fraction), int(n_random), int(seed)
         self.max_strip_columns = int(max_strip_columns)
+        self.max_label_reads = int(max_label_reads)
         # Filled on the global-zero process when fitting starts.
         self.concept_names: list[str] = []
+        self.trains_backbone = False  # whether the explained backbone trains (then concepts are recomputed)
         self._vectors: Tensor | None = None  # [M, D]: user concepts, then class means
         self._own_mean: Tensor | None = None  # [B]: concept index of each image's class mean, or -1
         self._removed = _RemovedTokenEmbeddings()
@@ -164,6 +207,17 @@ class ExplanationCallback(L.Callback):
         self.last: Snapshot | None = None
         self.history: list[Snapshot] = []  # thinned to max_strip_columns entries; maps for the strips
         self.strip_paths: list[Path] = []
+        self.png_paths: list[Path] = []  # pictures written as files, for loggers that take no images
+
+    def _track(self, images: Tensor, labels: Any, ids: Sequence[str] | None) -> None:
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise CdamError(f"tracked images must be a non-empty [B, 3, H, W] tensor, got {shape}")
+        self.images = images.detach().cpu().clone()
+        self.labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).cpu()
+        if self.labels.shape[0] != self.images.shape[0]:
+            raise CdamError(f"got {self.images.shape[0]} tracked images but {self.labels.shape[0]} labels")
+        self.ids = list(ids) if ids is not None else [f"image {i}" for i in range(len(self.labels))]
 
     # --- construction from the training config ----------------------------------------------------------------
     @classmethod
@@ -181,9 +235,10 @@ class ExplanationCallback(L.Callback):
                     for name, folder in dict(cfg.concepts or {}).items()}
         class_mean_data = datamodule.train_dataset.with_transform(transform) if cfg.class_mean_concepts else None
         return cls(
-            images, [val.targets[i] for i in idx], datamodule.classes, ids=[val.ids[i] for i in idx],
-            mean=datamodule.mean, std=datamodule.std, every_n_epochs=cfg.every_n_epochs, top_k=cfg.top_k,
-            concepts=concepts, class_mean_data=class_mean_data, max_class_mean_images=cfg.max_class_mean_images,
+            num_images=len(idx), every_n_epochs=cfg.every_n_epochs, top_k=cfg.top_k, concepts=concepts,
+            images=images, labels=[val.targets[i] for i in idx], classes=datamodule.classes,
+            ids=[val.ids[i] for i in idx], mean=datamodule.mean, std=datamodule.std,
+            class_mean_data=class_mean_data, max_class_mean_images=cfg.max_class_mean_images,
             similarity=cfg.similarity, seed=datamodule.seed,
         )
 
@@ -191,9 +246,10 @@ class ExplanationCallback(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        self._prepare(trainer, pl_module)
-        if trainer.current_epoch == 0:  # a fresh run: the untrained head is the baseline (a resumed run has none)
-            self._log(trainer, pl_module, step=0)
+        model = self._start(trainer, pl_module)
+        self._prepare(trainer, model.backbone)
+        if trainer.current_epoch == 0:  # a fresh run: the untrained model is the baseline (a resumed run has none)
+            self._log(trainer, pl_module, step=0, model=model)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking or trainer.state.fn != "fit":
@@ -224,12 +280,34 @@ class ExplanationCallback(L.Callback):
                 warnings.warn(f"could not write explanation strips: {e}", stacklevel=1)
 
     # --- the work -----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _parts(pl_module: L.LightningModule) -> tuple[nn.Module, nn.Module]:
-        backbone, head = getattr(pl_module, "backbone", None), getattr(pl_module, "head", None)
-        if backbone is None or head is None:
-            raise CdamError("ExplanationCallback needs a LightningModule with .backbone (FrozenViT) and .head")
-        return backbone, head
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Explained:
+        """When fitting starts: find the model, pick the tracked images (unless given), name the classes, read the
+        concept folders."""
+        model = find_model(pl_module)
+        self.trains_backbone = model.trains_backbone
+        transform = None
+        if self.images is None:
+            tracked = pick_images(trainer, self.num_images, self.seed, self.max_label_reads)
+            self._track(tracked.images, tracked.labels, tracked.ids)
+            self.classes = self.classes or tracked.classes
+            self.mean = self.mean if self.mean is not None else tracked.mean
+            self.std = self.std if self.std is not None else tracked.std
+            transform = tracked.transform
+        param = next(model.backbone.parameters())
+        logits = CDAM(model.backbone, model.head).explain(self.images.to(param.device, param.dtype)).logits
+        n_out = int(logits.shape[1])
+        self.classes = self.classes or model.classes or [str(c) for c in range(n_out)]
+        if len(self.classes) != n_out:
+            raise CdamError(f"the data names {len(self.classes)} classes but the model outputs {n_out} logits; pass "
+                            "classes= with one name per output")
+        if self._concept_folders:
+            h, w = self.images.shape[-2:]
+            zeros, ones = [0.0] * 3, [1.0] * 3
+            transform = transform or build_transform((h, w), self.mean or zeros, self.std or ones)
+            for name, folder in self._concept_folders.items():
+                self.concept_images[name] = load_concept_images(name, folder, transform)
+            self._concept_folders = {}
+        return model
 
     @staticmethod
     def _ends_epoch(trainer: L.Trainer) -> bool:
@@ -241,9 +319,9 @@ class ExplanationCallback(L.Callback):
             return True
 
     @torch.no_grad()
-    def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Concept vectors (user concepts, then class means), computed once when fitting starts."""
-        backbone, _ = self._parts(pl_module)
+    def _prepare(self, trainer: L.Trainer, backbone: nn.Module) -> None:
+        """Concept vectors (user concepts, then class means): once when fitting starts, and again at every logging
+        step when the backbone trains."""
         param = next(backbone.parameters())
         names: list[str] = []
         vectors: list[Tensor] = []
@@ -275,7 +353,7 @@ class ExplanationCallback(L.Callback):
         if missing:
             raise DataError(f"class-mean concepts: no training images of class {self.classes[missing[0]]!r}")
         pick = pool[stratified_subset(targets[pool], self.max_class_mean_images, self.seed)]
-        feats = self._cached_features(trainer, pick, targets)
+        feats = None if self.trains_backbone else self._cached_features(trainer, pick, targets)
         self.class_mean_source = "images" if feats is None else "feature cache"
         if feats is None:
             param = next(backbone.parameters())
@@ -315,13 +393,13 @@ class ExplanationCallback(L.Callback):
             return torch.cat([labels[:, None], logits.topk(k, dim=1).indices], dim=1)
 
         ex = CDAM(backbone, head).explain(images, targets=targets, concepts=self._vectors,
-                                          similarity=self.similarity, attention=True)
+                                          similarity=self.similarity, attention=backbone.has_cls_token)
         maps = ex.class_maps  # [B, 1+k, gh, gw]
         pred = ex.targets[:, 1]
         drop_top, drop_random = deletion_drop(
             backbone, head, images, maps[:, 1], pred, fraction=self.deletion_fraction, n_random=self.n_random,
             generator=torch.Generator().manual_seed(self.seed), seed=self.seed, logits=ex.logits,
-            embed=self._removed)  # same random sets every step
+            embed=None if self.trains_backbone else self._removed)  # same random sets every step
         faith = (drop_top - drop_random).float()
         sens = map_correlation(maps[:, 1], maps[:, 2]) if k >= 2 else torch.full_like(faith, float("nan"))
         scalars = {
@@ -335,37 +413,32 @@ class ExplanationCallback(L.Callback):
         return Snapshot(
             step=-1, targets=ex.targets.cpu(), probs=cpu(ex.logits.softmax(-1).gather(1, ex.targets)),
             class_maps=cpu(maps), concept_scores=cpu(ex.concept_scores), concept_maps=cpu(ex.concept_maps),
-            attention=cpu(ex.attention.mean(1)), scalars=scalars, faithfulness=faith.cpu(),
+            attention=None if ex.attention is None else cpu(ex.attention.mean(1)), scalars=scalars,
+            faithfulness=faith.cpu(),
         )
 
-    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        snap = self.explain(*self._parts(pl_module))
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, model: Explained | None = None) -> None:
+        model = model or find_model(pl_module)  # found again: a Hugging Face model is converted with its weights now
+        if self.trains_backbone and step > 0:
+            self._prepare(trainer, model.backbone)  # the backbone changed: so did the concept vectors
+        snap = self.explain(model.backbone, model.head)
         snap.step = step
         self.last = snap
         self._remember(snap)
-        panels = None  # drawn once, for the first logger that takes images
-        for logger in trainer.loggers:
-            logger.log_metrics(snap.scalars, step=step)
-            exp = getattr(logger, "experiment", None)
-            if hasattr(exp, "add_histogram"):
-                exp.add_histogram("explain/scores_predicted", snap.class_maps[:, 1].flatten().numpy(), step)
-                exp.add_histogram("explain/faithfulness_per_image", snap.faithfulness.numpy(), step)
-            if hasattr(exp, "add_image"):
-                panels = self.panels(snap) if panels is None else panels
-                for tag, image in panels.items():
-                    exp.add_image(tag, image, step, dataformats="HWC")
-            if hasattr(exp, "flush"):
-                exp.flush()
+        histograms = {"explain/scores_predicted": snap.class_maps[:, 1].flatten().numpy(),
+                      "explain/faithfulness_per_image": snap.faithfulness.numpy()}
+        self.png_paths += publish(trainer.loggers, trainer.default_root_dir, step, snap.scalars, histograms,
+                                  lambda: self.panels(snap))
 
     def _remember(self, snap: Snapshot) -> None:
         """Keep the maps for the strips: at most max_strip_columns steps, thinned to stay evenly spread (first and
         latest always kept), so memory stays flat however long training runs."""
         self.history.append(Snapshot(
             step=snap.step, targets=snap.targets[:, :2], probs=snap.probs[:, :2], class_maps=snap.class_maps[:, :2],
-            # head-independent maps: the first entry (never thinned out) keeps them for the strips
-            concept_scores=None if self.history else snap.concept_scores,
-            concept_maps=None if self.history else snap.concept_maps,
-            attention=None if self.history else snap.attention,
+            # head-independent maps of a frozen backbone: the first entry (never thinned out) keeps them
+            concept_scores=None if self.history and not self.trains_backbone else snap.concept_scores,
+            concept_maps=None if self.history and not self.trains_backbone else snap.concept_maps,
+            attention=None if self.history and not self.trains_backbone else snap.attention,
             scalars=dict(snap.scalars), faithfulness=snap.faithfulness))
         if len(self.history) > self.max_strip_columns:
             steps = [s.step for s in self.history]
@@ -389,34 +462,36 @@ class ExplanationCallback(L.Callback):
         for i in range(len(self.labels)):
             t, p = snap.targets[i].tolist(), snap.probs[i].tolist()
             name = f"explain/img{i:02d}"
-            when = "untrained head" if snap.step == 0 else f"after {snap.step} epoch{'s' if snap.step > 1 else ''}"
+            when = "untrained" if snap.step == 0 else f"after {snap.step} epoch{'s' if snap.step > 1 else ''}"
             sup = f"{self.ids[i]} (true {self.classes[t[0]]}), {when}"
             titles = [self._title("true", t[0], p[0]), self._title("pred", t[1], p[1])]
             titles += [self._title(f"top{j}", t[j], p[j]) for j in range(2, shown + 1)]
             img = self.images[i]
             out[f"{name}/classes"] = panel(img, list(snap.class_maps[i, :shown + 1]), titles, suptitle=sup,
-                                           q=DISPLAY_Q, mean=self.mean, std=self.std)
+                                           q=DISPLAY_Q, mean=self.mean, std=self.std, max_columns=MAPS_PER_ROW)
             cols = self._concepts_of(i)
             if cols and snap.concept_maps is not None:
                 out[f"{name}/concepts"] = panel(
                     img, [snap.concept_maps[i, m] for m in cols],
                     [f"{self.concept_names[m]} s={snap.concept_scores[i, m].item():.3g}" for m in cols],
                     suptitle=sup, vmax="per_map", q=DISPLAY_Q, mean=self.mean, std=self.std)
-            out[f"{name}/attention"] = panel(img, [snap.attention[i]], ["attention (mean of heads)"], suptitle=sup,
-                                             vmax="per_map", q=DISPLAY_Q, mean=self.mean, std=self.std)
+            if snap.attention is not None:
+                out[f"{name}/attention"] = panel(img, [snap.attention[i]], ["attention (mean of heads)"],
+                                                 suptitle=sup, vmax="per_map", q=DISPLAY_Q, mean=self.mean,
+                                                 std=self.std)
         return out
 
     def _out_dir(self, trainer: L.Trainer) -> Path:
-        """<log_dir>/explanations of the first logger with a log_dir (never trainer.log_dir: it broadcasts)."""
-        for logger in trainer.loggers:
-            log_dir = getattr(logger, "log_dir", None)
-            if log_dir:
-                return Path(log_dir) / "explanations"
-        return Path(trainer.default_root_dir) / "explanations"
+        """<log_dir>/explanations of the first logger with a log_dir, else of the trainer's default_root_dir."""
+        dirs = [log_dir(logger, "") for logger in trainer.loggers if getattr(logger, "log_dir", None)]
+        return (dirs[0] if dirs else Path(trainer.default_root_dir)) / EXPLANATIONS_DIR
 
     def write_strips(self, out_dir: str | Path) -> list[Path]:
-        """One PNG per tracked image: rows = map kinds, columns = logged epochs (written atomically)."""
+        """One PNG per tracked image: rows = map kinds, columns = logged epochs (written atomically). Maps of a
+        frozen backbone alone (concepts, attention) are shown once; those of a trained backbone per epoch."""
         first = self.history[0]
+        every = [s for s in self.history if s.concept_maps is not None or s.attention is not None]
+        once = "\n(head-independent)" if len(every) == 1 else ""
         paths = []
         for i in range(len(self.labels)):
             img = to_uint8_image(self.images[i], mean=self.mean, std=self.std)
@@ -426,10 +501,11 @@ class ExplanationCallback(L.Callback):
             row_titles = [f"true: {true}", "predicted"]
             if first.concept_maps is not None:
                 for m in self._concepts_of(i):
-                    rows.append([cell(first.concept_maps[i, m])])
-                    row_titles.append(f"{self.concept_names[m]}\n(head-independent)")
-            rows.append([cell(first.attention[i])])
-            row_titles.append("attention\n(head-independent)")
+                    rows.append([cell(s.concept_maps[i, m]) for s in every])
+                    row_titles.append(f"{self.concept_names[m]}{once}")
+            if first.attention is not None:
+                rows.append([cell(s.attention[i]) for s in every])
+                row_titles.append(f"attention{once}")
             cols = [f"epoch {s.step}\npred {self.classes[int(s.targets[i, 1])]} {s.probs[i, 1].item():.2f}"
                     for s in self.history]
             picture = strip(rows, row_titles, cols,

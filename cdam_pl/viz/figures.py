@@ -218,6 +218,7 @@ def panel(
     std: Sequence[float] | None = None,
     cmap: str = DEFAULT_CMAP,
     cell_inches: float = 2.4,
+    max_columns: int | None = None,
 ) -> np.ndarray:
     """One row: the image, then an overlay per map, each titled, with diverging colour bars.
 
@@ -226,8 +227,11 @@ def panel(
     map on its own (own colour bar each); a number fixes the range (e.g. to keep epochs
     comparable). Each image gets a cell ``cell_inches`` wide (its height follows the image's
     aspect), so the figure width grows with the number of maps; a title too long for its cell is
-    wrapped. Returns uint8 ``[H, W, 3]``.
+    wrapped. ``max_columns`` wraps the maps into rows of at most that many, under the first row's maps (the image
+    stays alone in its column; a shared colour bar sits right of the first row). Returns uint8 ``[H, W, 3]``.
     """
+    if max_columns is not None and int(max_columns) < 1:
+        raise ValueError(f"max_columns must be >= 1, got {max_columns}")
     grids = [as_grid(m) for m in maps]
     titles = list(titles)
     if len(titles) == len(grids) + 1:
@@ -253,34 +257,51 @@ def panel(
     pictures = [img] + [overlay(img, g, alpha=alpha, mode=mode, vmax=v, cmap=cmap) for g, v in zip(grids, vs)]
     heads = [lay.text(t, _TITLE_FONTSIZE, box_w, ha="center", va="bottom") for t in [image_title, *titles]]
     bar_h = _CBAR_SHRINK * box_h
-    bars: dict[int, tuple[Any, float, float]] = {}  # cell index -> colour bar right of it
+    # the grid: row 0 = image, then maps; each later row continues the maps from column 1 (picture indices)
+    per_row = max(1, len(grids) if max_columns is None else min(int(max_columns), len(grids)))
+    rows = [list(range(min(1 + per_row, len(pictures))))]
+    rows += [[None, *range(s, min(s + per_row, len(pictures)))] for s in range(1 + per_row, len(pictures), per_row)]
+
+    bars: dict[int, tuple[Any, float, float]] = {}  # picture index -> colour bar right of it
     if colorbar and grids:
-        for k in range(1, len(pictures)) if not shared else [len(pictures) - 1]:
+        for k in range(1, len(pictures)) if not shared else [rows[0][-1]]:
             bars[k] = lay.colorbar(vs[k - 1], cmap, bar_h)
 
     # left to right, inches from the left edge
     x = _MARGIN
-    cells = []  # (left of the image, centre of the cell)
-    bar_left = {}
-    for k, (_, tw, _) in enumerate(heads):
-        cell = max(cell_inches, tw + _GAP)
+    cells = []  # per column: (left of the image, centre of the cell)
+    bar_left = {}  # picture index -> left of its colour bar
+    for c in range(len(rows[0])):
+        ks = [row[c] for row in rows if c < len(row) and row[c] is not None]
+        cell = max([cell_inches] + [heads[k][1] + _GAP for k in ks])
         cells.append((x + (cell - box_w) / 2, x + cell / 2))
         x += cell
-        if k in bars:
+        with_bar = [k for k in ks if k in bars]
+        for k in with_bar:
             bar_left[k] = cells[-1][0] + box_w + _CBAR_PAD
-            x = bar_left[k] + _CBAR_WIDTH + bars[k][1] + _GAP / 2
+        if with_bar:
+            x = bar_left[with_bar[0]] + _CBAR_WIDTH + max(bars[k][1] for k in with_bar) + _GAP / 2
     width, shift, sup_h = lay.suptitle(suptitle, x)
 
-    # bottom to top, inches from the bottom edge
-    title_h = max(h for _, _, h in heads)
-    offset_h = max((top for _, _, top in bars.values()), default=0.0) - (box_h - bar_h) / 2
-    height = _MARGIN + box_h + max(_TITLE_PAD + title_h, offset_h) + sup_h + _MARGIN
+    # bottom to top, inches from the bottom edge: the last row's images start at the margin
+    def above(row: list) -> float:  # room above a row's images: its titles, or a colour bar's offset text
+        title_h = max(heads[k][2] for k in row if k is not None)
+        offset_h = max((bars[k][2] for k in row if k in bars), default=0.0) - (box_h - bar_h) / 2
+        return max(_TITLE_PAD + title_h, offset_h)
 
-    for pic, (t, _, _), (left, centre) in zip(pictures, heads, cells):
-        lay.place_image(pic, left + shift, _MARGIN, box_w, box_h)
-        lay.place_text(t, centre + shift, _MARGIN + box_h + _TITLE_PAD)
-    for k, (cax, _, _) in bars.items():
-        lay.place_axes(cax, bar_left[k] + shift, _MARGIN + (box_h - bar_h) / 2, _CBAR_WIDTH, bar_h)
+    bottoms = [_MARGIN]
+    for row in rows[:0:-1]:
+        bottoms.insert(0, bottoms[0] + box_h + above(row) + _GAP)
+    height = bottoms[0] + box_h + above(rows[0]) + sup_h + _MARGIN
+
+    for row, bottom in zip(rows, bottoms):
+        for k, (left, centre) in zip(row, cells):
+            if k is None:
+                continue
+            lay.place_image(pictures[k], left + shift, bottom, box_w, box_h)
+            lay.place_text(heads[k][0], centre + shift, bottom + box_h + _TITLE_PAD)
+            if k in bars:
+                lay.place_axes(bars[k][0], bar_left[k] + shift, bottom + (box_h - bar_h) / 2, _CBAR_WIDTH, bar_h)
     return lay.finish(width, height)
 
 
