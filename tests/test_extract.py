@@ -59,7 +59,7 @@ class Recording(torch.nn.Module):
 
     def __init__(self, backbone, images, fail_on_call: int | None = None):
         super().__init__()
-        self.backbone, self.embed_dim, self.fail_on_call = backbone, backbone.embed_dim, fail_on_call
+        self.backbone, self.feature_dim, self.fail_on_call = backbone, backbone.feature_dim, fail_on_call
         self.pixel_to_index = {float(v): i for i, v in enumerate(images[:, 0, 0, 0])}
         self.calls, self.seen = 0, []
 
