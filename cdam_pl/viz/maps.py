@@ -32,19 +32,6 @@ from PIL import Image
 from cdam_pl.io import atomic_write
 from cdam_pl.viz._arrays import as_grid, colormap, to_numpy
 
-__all__ = [
-    "DEFAULT_CMAP",
-    "DEFAULT_Q",
-    "DISPLAY_Q",
-    "upsample",
-    "display_range",
-    "resolve_vmax",
-    "colorize",
-    "to_uint8_image",
-    "overlay",
-    "save_png",
-]
-
 DEFAULT_CMAP = "RdBu_r"
 # Default quantile of the functions here (0.1 % of |scores| may saturate): a mild guard for any map.
 DEFAULT_Q = 0.001
