@@ -149,3 +149,15 @@ def test_cached_training_reuses_features_and_is_reproducible(tmp_path, monkeypat
     assert r1["cached"] and r2["cached"] and calls == []  # second run: no backbone pass at all
     for a, b in zip(r1["module"].head.parameters(), r2["module"].head.parameters()):
         assert torch.equal(a, b)
+
+
+def test_last_checkpoint_is_the_final_epoch_even_when_accuracy_stops_improving(tmp_path):
+    # lr 1e-12: the accuracy of epoch 0 is never beaten, so only epoch 0 is "best"; last.ckpt must still be the
+    # state after the final epoch (what resume=last restarts from), not a copy of the best one.
+    result = _train(tmp_path, "trainer.max_epochs=3", "optim.lr=1e-12")
+    last = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=True)
+    best = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=True)
+    steps_per_epoch = best["global_step"] // (best["epoch"] + 1)
+    assert best["epoch"] == 0
+    assert last["epoch"] == 2 and last["global_step"] == 3 * steps_per_epoch
+    assert sorted(p.name for p in Path(result["last_checkpoint"]).parent.iterdir()) == ["best-00.ckpt", "last.ckpt"]

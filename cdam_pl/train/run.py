@@ -32,6 +32,8 @@ from cdam_pl.train.callbacks import ExplanationCallback
 from cdam_pl.train.module import HeadClassifier
 from cdam_pl.train.signals import FiniteLossGuard, GracefulStop, RestoreLoaderState, TrainingStopped, stop_now_on_signal
 
+LAST_NAME = ModelCheckpoint.CHECKPOINT_NAME_LAST  # "last": <run>/checkpoints/last.ckpt, what resume=last finds
+
 
 def build_backbone(cfg: DictConfig) -> FrozenViT:
     b = cfg.backbone
@@ -119,7 +121,7 @@ def run_training(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[s
     resume = cfg.resume
     version = None
     if resume == "last":
-        found = sorted(Path(cfg.out_dir, cfg.run_name).glob("version_*/checkpoints/last.ckpt"),
+        found = sorted(Path(cfg.out_dir, cfg.run_name).glob(f"version_*/checkpoints/{LAST_NAME}.ckpt"),
                        key=lambda p: p.stat().st_mtime)
         if not found:
             raise ConfigError(f"resume=last but no last.ckpt under {Path(cfg.out_dir, cfg.run_name)}")
@@ -133,9 +135,14 @@ def run_training(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[s
                                      default_hp_metric=False)
     run_dir = Path(logger.log_dir)
     ckpt_dir = run_dir / "checkpoints"
+    # The best epoch by validation accuracy, and last.ckpt after every epoch. Lightning's save_last=True on the
+    # monitored callback writes last.ckpt only on epochs that also improve the metric, so resume=last could restart
+    # from an earlier epoch; a second, unmonitored callback named "last" keeps it current.
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:02d}", monitor="val/acc", mode="max",
-                           save_top_k=1, save_last=True, auto_insert_metric_name=False)
-    callbacks: list = [best, GracefulStop(), RestoreLoaderState(), FiniteLossGuard()]
+                           save_top_k=1, auto_insert_metric_name=False)
+    last = ModelCheckpoint(dirpath=ckpt_dir, filename=LAST_NAME, save_top_k=1, enable_version_counter=False)
+    callbacks: list = [best, last, GracefulStop(ckpt_dir / f"{LAST_NAME}.ckpt"), RestoreLoaderState(),
+                       FiniteLossGuard()]
     if cfg.explain.enabled:
         callbacks.append(ExplanationCallback.from_config(cfg.explain, data))
     callbacks += list(extra_callbacks or [])
@@ -182,7 +189,7 @@ def run_training(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[s
     return {
         "run_dir": str(run_dir),
         "best_checkpoint": best.best_model_path or None,
-        "last_checkpoint": str(ckpt_dir / "last.ckpt"),
+        "last_checkpoint": str(ckpt_dir / f"{LAST_NAME}.ckpt"),
         "metrics": metrics,
         "seconds": {"features": t_total if t_features is None else t_features, "total": t_total},
         "cached": use_cache,
