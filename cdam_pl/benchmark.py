@@ -9,7 +9,8 @@ Image sets (all offline):
               the left and the right item's true class, masks = the left and the right half.
   photos      scikit-image photos (chelsea, coffee, astronaut, rocket), centre-cropped to a square; they belong
               to no class of the model: targets = its top-2 classes, used for compactness, fidelity, sensitivity.
-Per set and method: compactness (|s| < 0.05 max|s|), top-1/top-2 map correlation, share of positive evidence in
+Per set and method: compactness under both rules (v1: |s| < 0.05 max(s), the paper's; symmetric: |s| <= 0.05 max|s|)
+on the map of target 0, top-1/top-2 map correlation, share of positive evidence in
 the target's object (composites), deletion fidelity (area between the least- and most-important-first curves of
 the target logit, 40 steps, token removal and pixel replacement), seconds per image. A "random" control row gives
 the fidelity of a map that knows nothing. Writes results.md, results.csv, grid.png (images x methods) to --out.
@@ -42,7 +43,7 @@ from cdam_pl.errors import CdamError
 from cdam_pl.explain import registry
 from cdam_pl.explain.tam import naive_token_ablation_map, token_ablation_map
 from cdam_pl.io import atomic_write_text
-from cdam_pl.metrics.compactness import Compactness
+from cdam_pl.metrics.compactness import CompactnessSymmetric, CompactnessV1
 from cdam_pl.metrics.deletion import DeletionFidelity, deletion_curves
 from cdam_pl.metrics.evidence import MaskedEvidenceShare
 from cdam_pl.metrics.sensitivity import ClassSensitivity
@@ -82,7 +83,8 @@ class Result:
     n_images: int
     seconds_per_image: float
     cpu_seconds_per_image: float
-    compactness: float
+    compactness_v1: float
+    compactness_symmetric: float
     top12_correlation: float
     evidence_in_object: float = float("nan")
     fidelity_token: float = float("nan")
@@ -105,12 +107,12 @@ def find_checkpoint(path: str | None) -> Path:
     return runs[-1]
 
 
-def _fmnist_root(config: dict) -> str | None:
+def fmnist_root(config: dict) -> str | None:
     data = config.get("data", {}) if isinstance(config, dict) else {}
     return data.get("root") if data.get("name") == "fashion_mnist" else None
 
 
-def _transform(model, size):
+def model_transform(model, size):
     dc = model.backbone.data_config
     return build_transform(size, dc["mean"], dc["std"], dc["interpolation"])
 
@@ -121,9 +123,9 @@ def _top2(model, images: Tensor) -> Tensor:
 
 
 def fmnist_set(model, n: int, seed: int, device) -> ImageSet:
-    ds = FashionMNISTDataset(_fmnist_root(model.config), "test")
+    ds = FashionMNISTDataset(fmnist_root(model.config), "test")
     idx = stratified_subset(ds.targets, n, seed)
-    tf = _transform(model, model.backbone.img_size)
+    tf = model_transform(model, model.backbone.img_size)
     images = torch.stack([tf(ds.load_image(i)) for i in idx]).to(device)
     targets = _top2(model, images)
     names = model.classes
@@ -134,11 +136,11 @@ def fmnist_set(model, n: int, seed: int, device) -> ImageSet:
 
 def composite_set(model, n: int, seed: int, device) -> ImageSet:
     """Two items of different classes side by side; targets = (left class, right class); masks = halves."""
-    ds = FashionMNISTDataset(_fmnist_root(model.config), "test")
+    ds = FashionMNISTDataset(fmnist_root(model.config), "test")
     rng = np.random.default_rng(seed + 1)
     labels = np.asarray(ds.targets)
     h, w = model.backbone.img_size
-    tf = _transform(model, (h, 2 * w))
+    tf = model_transform(model, (h, 2 * w))
     images, targets, titles = [], [], []
     for _ in range(n):
         a, b = rng.choice(len(ds.classes), 2, replace=False)  # two different classes
@@ -166,7 +168,7 @@ def photo_set(model, names: Sequence[str], device) -> ImageSet:
     except ImportError:
         raise CdamError("the photos set needs scikit-image: pip install scikit-image (or --sets fmnist,composites)") \
             from None
-    tf = _transform(model, model.backbone.img_size)
+    tf = model_transform(model, model.backbone.img_size)
     images = []
     for name in names:
         arr = getattr(skdata, name)()
@@ -237,12 +239,13 @@ def score(s: ImageSet, maps: dict[str, Tensor], seconds: dict[str, dict[str, flo
     rows = []
     for name, m in maps.items():
         meth = registry.get(name) if name != CONTROL else None
-        comp, sens = Compactness(), ClassSensitivity()
-        comp.update(m)
+        v1, sym, sens = CompactnessV1(), CompactnessSymmetric(), ClassSensitivity()
+        v1.update(m[:, 0])  # target 0: the top-1 class (composites: the left item), as the paper's v1 figures
+        sym.update(m[:, 0])
         sens.update(m)
         r = Result(s.name, name, meth.label if meth else "random (control)", meth.signed if meth else True,
                    meth.class_specific if meth else True, int(m.shape[0]), seconds["wall"][name],
-                   seconds["cpu"][name], comp.compute().item(), sens.compute().item())
+                   seconds["cpu"][name], v1.compute().item(), sym.compute().item(), sens.compute().item())
         if s.masks is not None:
             share = MaskedEvidenceShare()
             share.update(m, s.masks.cpu())
@@ -273,7 +276,8 @@ def tam_speed(model, images: Tensor) -> dict[str, float]:
 
 
 # --- outputs ------------------------------------------------------------------------------------------------------
-COLUMNS = [("label", "method"), ("compactness", "compactness ↑"), ("top12_correlation", "top-1/top-2 corr ↓"),
+COLUMNS = [("label", "method"), ("compactness_v1", "compactness_v1 ↑"),
+           ("compactness_symmetric", "compactness_symmetric ↑"), ("top12_correlation", "top-1/top-2 corr ↓"),
            ("evidence_in_object", "evidence in object ↑"), ("fidelity_token", "fidelity, tokens ↑"),
            ("fidelity_pixel", "fidelity, pixels ↑"), ("seconds_per_image", "s / image"),
            ("cpu_seconds_per_image", "CPU s / image")]
@@ -299,18 +303,19 @@ def claims(rows: list[Result]) -> list[str]:
     out = []
     paper = ["cdam", "tam", "attention", "rp"]
     if all(m in by for m in paper):
-        vals = [by[m].compactness for m in paper]
-        observed = sorted(paper, key=lambda m: -by[m].compactness)  # stable: ties keep the paper's order
-        text = f"{by[observed[0]].label} {by[observed[0]].compactness:.3f}"
+        vals = [by[m].compactness_v1 for m in paper]
+        observed = sorted(paper, key=lambda m: -by[m].compactness_v1)  # stable: ties keep the paper's order
+        text = f"{by[observed[0]].label} {by[observed[0]].compactness_v1:.3f}"
         for a, b in zip(observed, observed[1:]):
-            text += f" {'=' if by[a].compactness == by[b].compactness else '>'} {by[b].label} {by[b].compactness:.3f}"
+            va, vb = by[a].compactness_v1, by[b].compactness_v1
+            text += f" {'=' if va == vb else '>'} {by[b].label} {vb:.3f}"
         if all(a > b for a, b in zip(vals, vals[1:])):
             verdict = "holds"
         elif all(a >= b for a, b in zip(vals, vals[1:])):
             verdict = "holds only up to ties"
         else:
             verdict = "does not hold"
-        out.append(f"compactness, paper order CDAM > TAM > AM > RP {verdict}: {text}")
+        out.append(f"compactness_v1 (the paper's rule), paper order CDAM > TAM > AM > RP {verdict}: {text}")
     real = [r for r in rows if r.method != CONTROL]
 
     def rank(attr, higher=True):
@@ -319,7 +324,8 @@ def claims(rows: list[Result]) -> list[str]:
         return [r.method for r in order], order
 
     if "cdam" in by:
-        for attr, what, higher in (("compactness", "compactness", True),
+        for attr, what, higher in (("compactness_v1", "compactness_v1", True),
+                                   ("compactness_symmetric", "compactness_symmetric", True),
                                    ("top12_correlation", "class sensitivity (lowest top-1/top-2 correlation)", False),
                                    ("evidence_in_object", "evidence in the target's object", True),
                                    ("fidelity_token", "token-deletion fidelity", True),
@@ -339,8 +345,9 @@ def claims(rows: list[Result]) -> list[str]:
 
 
 def write_csv(path: Path, rows: list[Result]) -> None:
-    names = ["set", "method", "label", "signed", "class_specific", "n_images", "compactness", "top12_correlation",
-             "evidence_in_object", "fidelity_token", "fidelity_pixel", "seconds_per_image", "cpu_seconds_per_image"]
+    names = ["set", "method", "label", "signed", "class_specific", "n_images", "compactness_v1",
+             "compactness_symmetric", "top12_correlation", "evidence_in_object", "fidelity_token", "fidelity_pixel",
+             "seconds_per_image", "cpu_seconds_per_image"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(names)
@@ -372,7 +379,9 @@ def render_markdown(meta: dict, results: list[Result], speed: dict | None, sets:
              f"{meta['classes']} classes. {meta['machine']}. Total {meta['total_s']:.0f} s wall, "
              f"{meta['cpu_s']:.0f} s CPU.", "",
              f"Command: `{meta['command']}`", "",
-             "Compactness = mean fraction of tokens with |s| < 0.05 max|s| (higher = sparser). top-1/top-2 corr = "
+             "Compactness = mean fraction of tokens near zero on the map of target 0 (higher = sparser), by two "
+             "rules: compactness_v1 |s| < 0.05 max(s) with the signed max (0 when max <= 0; the paper's rule), "
+             "compactness_symmetric |s| <= 0.05 max|s|. top-1/top-2 corr = "
              "Pearson correlation of the maps of the two targets of an image (lower = more class-sensitive; AM is "
              "class-agnostic, so 1 by construction). Evidence in object = share of positive evidence inside the "
              "target item's half (composites; 0.5 = chance). Fidelity = area between the least- and most-"

@@ -26,7 +26,8 @@ from torch import nn
 from cdam_pl.errors import ConfigError
 from cdam_pl.explain import CDAM, concept_vectors
 from cdam_pl.metrics import (
-    compactness,
+    compactness_symmetric,
+    compactness_v1,
     deletion_drop,
     embed_without_tokens,
     map_correlation,
@@ -39,8 +40,8 @@ from tests.conftest import tiny_backbone, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("classes", "concepts", "attention")
-SCALARS = ("explain/compactness", "explain/class_sensitivity", "explain/faithfulness",
-           "explain/deletion_drop_top", "explain/deletion_drop_random")
+SCALARS = ("explain/compactness_v1", "explain/compactness_symmetric", "explain/class_sensitivity",
+           "explain/faithfulness", "explain/deletion_drop_top", "explain/deletion_drop_random")
 HISTOGRAMS = ("explain/scores_predicted", "explain/faithfulness_per_image")
 
 
@@ -111,18 +112,20 @@ def stripes_folder(path: Path) -> Path:
 
 
 # --- metric functions ---------------------------------------------------------------------------------------------
-def test_compactness_matches_the_formula():
+def test_compactness_rules_match_their_formulas():
     g = torch.Generator().manual_seed(0)
     maps = torch.randn(3, 4, 5, 7, generator=g) ** 3  # heavy tails: many near-zero scores
-    maps[0, 0] = 0.0  # an all-zero map counts as fully compact
-    got = compactness(maps)
-    a = np.abs(maps.numpy()).reshape(3, 4, -1)
-    ref = (a < 0.05 * a.max(-1, keepdims=True)).mean(-1)
-    ref[0, 0] = 1.0
-    assert got.shape == (3, 4)
-    np.testing.assert_allclose(got.numpy(), ref, atol=1e-7)
-    np.testing.assert_allclose(compactness(maps, rel=0.5)[1:].numpy(),
-                               (a < 0.5 * a.max(-1, keepdims=True)).mean(-1)[1:], atol=1e-7)
+    maps[0, 0] = 0.0  # all zero: v1 0 (max <= 0), symmetric 1
+    maps[0, 1] = -maps[0, 1].abs()  # no positive score: v1 0
+    s = maps.numpy().reshape(3, 4, -1)
+    top = s.max(-1, keepdims=True)
+    v1 = np.where(top[..., 0] > 0, (np.abs(s) < 0.05 * top).mean(-1), 0.0)
+    sym = (np.abs(s) <= 0.05 * np.abs(s).max(-1, keepdims=True)).mean(-1)
+    assert compactness_v1(maps).shape == (3, 4) and v1[0, 0] == 0 and sym[0, 0] == 1
+    np.testing.assert_allclose(compactness_v1(maps).numpy(), v1, atol=1e-7)
+    np.testing.assert_allclose(compactness_symmetric(maps).numpy(), sym, atol=1e-7)
+    np.testing.assert_allclose(compactness_symmetric(maps, rel=0.5).numpy(),
+                               (np.abs(s) <= 0.5 * np.abs(s).max(-1, keepdims=True)).mean(-1), atol=1e-7)
 
 
 def test_map_correlation_is_pearson_over_tokens():
@@ -302,8 +305,10 @@ def test_logged_scalars_match_a_recomputation_from_the_final_head(runs):
     assert torch.equal(cb.last.targets, targets)
     torch.testing.assert_close(cb.last.probs, logits.softmax(-1).gather(1, targets), rtol=1e-5, atol=1e-6)
     maps = CDAM(bb, head).class_maps(images, targets).numpy()  # [B, 4, gh, gw]
-    a = np.abs(maps[:, 1]).reshape(len(labels), -1)
-    comp = (a < 0.05 * a.max(1, keepdims=True)).mean()
+    s = maps[:, 1].reshape(len(labels), -1)  # the predicted class's maps
+    top = s.max(1, keepdims=True)
+    comp_v1 = np.where(top[:, 0] > 0, (np.abs(s) < 0.05 * top).mean(1), 0.0).mean()
+    comp_sym = (np.abs(s) <= 0.05 * np.abs(s).max(1, keepdims=True)).mean()
     sens = np.mean([np.corrcoef(m[1].ravel(), m[2].ravel())[0, 1] for m in maps])
     n_tok = maps.shape[-1] * maps.shape[-2]
     n = max(1, round(0.1 * n_tok))
@@ -315,7 +320,8 @@ def test_logged_scalars_match_a_recomputation_from_the_final_head(runs):
         sets = random_tokens(len(labels), n_tok, n, repeats=4, generator=torch.Generator().manual_seed(0))
         drop_rand = torch.stack([full - head(reference_embedding(bb, images, sets[:, r].tolist())).gather(1, pred)[:, 0]
                                  for r in range(4)], 1).mean(1)
-    ref = {"explain/compactness": comp, "explain/class_sensitivity": sens,
+    ref = {"explain/compactness_v1": comp_v1, "explain/compactness_symmetric": comp_sym,
+           "explain/class_sensitivity": sens,
            "explain/faithfulness": (drop_top - drop_rand).mean().item(),
            "explain/deletion_drop_top": drop_top.mean().item(), "explain/deletion_drop_random": drop_rand.mean().item()}
     for tag, value in ref.items():

@@ -263,7 +263,8 @@ def test_benchmark_quick_end_to_end(tiny_checkpoint, tmp_path):
     for s in ("fmnist", "composites", "photos"):
         assert [r["method"] for r in rows if r["set"] == s] == expected
     for r in rows:
-        assert 0.0 <= float(r["compactness"]) <= 1.0
+        # v1 <= symmetric on every map: its threshold 0.05 max(s) <= 0.05 max|s|, and it is strict
+        assert 0.0 <= float(r["compactness_v1"]) <= float(r["compactness_symmetric"]) <= 1.0
         assert -1.0 <= float(r["top12_correlation"]) <= 1.0
         assert math.isfinite(float(r["fidelity_token"])) and math.isfinite(float(r["fidelity_pixel"]))
         assert int(r["n_images"]) == 2
@@ -276,7 +277,8 @@ def test_benchmark_quick_end_to_end(tiny_checkpoint, tmp_path):
     md = (out / "results.md").read_text()
     for label in [registry.get(n).label for n in registry.names()]:
         assert md.count(f"| {label} |") == 3  # one row per set
-    assert "paper order CDAM > TAM > AM > RP" in md and "TAM speed" in md
+    assert "compactness_v1 (the paper's rule), paper order CDAM > TAM > AM > RP" in md and "TAM speed" in md
+    assert "| compactness_v1 ↑ | compactness_symmetric ↑ |" in md
     with Image.open(out / "grid.png") as im:
         assert im.width > im.height > 200  # 6 image rows x 10 columns
 

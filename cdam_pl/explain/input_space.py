@@ -48,7 +48,7 @@ def _prepare(backbone, head, images, targets):
     return model, idx
 
 
-@register_method("ig", label="IG", samples="n_steps", tunable=("n_steps", "baseline"),
+@register_method("ig", label="IG", samples="n_steps", tunable=("n_steps", "baseline"), expensive=True,
                  description="captum Integrated Gradients, zero baseline, pooled to tokens")
 def integrated_gradients(
     backbone: FrozenViT,
@@ -79,7 +79,8 @@ def integrated_gradients(
     return (out, torch.stack(deltas, 1)) if return_delta else out
 
 
-@register_method("smoothgrad", label="SmoothGrad", samples="n_samples", tunable=("n_samples", "noise", "seed"),
+@register_method("smoothgrad", label="SmoothGrad", samples="n_samples", expensive=True,
+                 tunable=("n_samples", "noise", "seed"),
                  description="captum NoiseTunnel(Saliency), signed, sigma = 0.15 * range, pooled to tokens")
 def smoothgrad(
     backbone: FrozenViT,

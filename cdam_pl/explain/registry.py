@@ -50,6 +50,8 @@ class Method:
     class_specific: bool = True  # False: one map per image, broadcast to every target
     takes_concepts: bool = False  # accepts concepts=[M, D] and similarity=, returns targets then concepts
     samples: str | None = None  # the parameter that counts samples or path steps (None: one pass)
+    # A full forward pass per token or per sample (TAM, IG, SmoothGrad): evaluations give it a subset of the images.
+    expensive: bool = False
     variant: str | None = None  # the `CDAM.explain` variant, for the methods computed by the CDAM engine
     # Reads the method's maps from a shared engine forward (an `Explanation`): [B, K (+ M), gh, gw], or [B, 1, gh, gw]
     # for a class-agnostic method. explain.py then computes it with no forward of its own.

@@ -42,7 +42,7 @@ def keep_indices(num_prefix: int, num_patches: int, device: torch.device | str =
     return full[full != drop[:, None]].view(num_patches, t - 1)
 
 
-@register_method("tam", label="TAM",
+@register_method("tam", label="TAM", expensive=True,
                  description="f(x) - f(x without token i), tokens removed before the first block")
 def token_ablation_map(
     backbone: FrozenViT,

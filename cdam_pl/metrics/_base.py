@@ -37,3 +37,17 @@ class MeanMetricBase(Metric):
 
     def compute(self) -> Tensor:
         return (self.total / self.count).float() if self.count > 0 else torch.tensor(float("nan"))
+
+
+class DefinedMeanMetricBase(MeanMetricBase):
+    """A mean over the maps whose score is defined: NaN scores (e.g. an empty object mask, a map without positive
+    relevance) are left out of the mean and counted in `skipped` (synced like the other states)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("skipped", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def accumulate(self, scores: Tensor) -> None:
+        defined = ~scores.isnan()
+        super().accumulate(scores[defined])
+        self.skipped += (~defined).sum()

@@ -12,15 +12,17 @@ Token deletion drop (training callback): with n = round(fraction * N) tokens rem
     drop_random = mean over random sets r of f(x) - f(x without r)
 
 and faithfulness = drop_top - drop_random. Tokens are removed after the position embedding (the ViT-native variant,
-like TAM); pixel deletion replaces the patch's pixels instead.
+like TAM); pixel deletion replaces the patch's pixels instead. `patch_logits` evaluates any set of kept patches
+(token or pixel mode) in batches; the curves here and in `cdam_pl.metrics.faithfulness` are built on it.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torchvision.transforms.v2.functional import gaussian_blur
+from torchvision.transforms.v2.functional import gaussian_blur as gaussian_blur_tv
 
 from cdam_pl.errors import CdamError
 from cdam_pl.explain._vit import as_targets, check_range, explaining, head_or_identity, plain
@@ -54,9 +56,77 @@ def deletion_order(maps: Tensor, seed: int = 0) -> Tensor:
     return perm[ranked]
 
 
-def _gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    k = 2 * int(torch.ceil(torch.tensor(3.0 * sigma)).item()) + 1
-    return gaussian_blur(images, kernel_size=[k, k], sigma=[sigma, sigma])
+def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur of [B, C, H, W] images, kernel 2 * ceil(3 sigma) + 1 (torchvision's reflect padding)."""
+    k = 2 * math.ceil(3.0 * sigma) + 1
+    return gaussian_blur_tv(images, kernel_size=[k, k], sigma=[sigma, sigma])
+
+
+def patch_logits(
+    backbone: nn.Module,
+    head: nn.Module | None,
+    images: Tensor,
+    keep: Tensor,
+    rows: Tensor | None = None,
+    *,
+    mode: str = "token",
+    fill: Tensor | None = None,
+    max_elements: int = DELETION_MAX_ELEMENTS,
+) -> Tensor:
+    """Logits of images with only the patches `keep` marks left intact: -> [S, C], no autograd.
+
+    images [B, 3, H, W]; keep [S, N] bool, one row per evaluated input (N = gh * gw patches, raster order); rows [S]
+    the image of each row (default: row s is image s). mode "token": the patch tokens not kept are removed from the
+    sequence after the position embedding (prefix tokens and kept tokens stay, in order); mode "pixel": the pixels
+    of the patches not kept are replaced by `fill` [B, 3, H, W] (e.g. a blur or the mean of the image). Rows with the
+    same length (token mode: the same number of kept patches; pixel mode: all) share batched forwards, in chunks of
+    at most `max_elements` activations; rows that keep every patch or none are computed once per image. The
+    machinery under deletion, insertion and their curves.
+    """
+    if mode not in DELETION_MODES:
+        raise CdamError(f"unknown deletion mode {mode!r}; choose one of {', '.join(DELETION_MODES)}")
+    gh, gw = backbone.check_images(images)
+    head = head_or_identity(head)
+    n, dev = gh * gw, images.device
+    keep = keep.to(dev)
+    rows = torch.arange(keep.shape[0], device=dev) if rows is None else rows.to(device=dev, dtype=torch.long)
+    if keep.ndim != 2 or keep.shape[1] != n or rows.shape != keep.shape[:1]:
+        raise CdamError(f"keep must be [S, {n}] bool with rows [S], got {tuple(keep.shape)} and {tuple(rows.shape)}")
+    if mode == "pixel" and (fill is None or fill.shape != images.shape):
+        raise CdamError(f"pixel mode needs fill images of the images' shape {tuple(images.shape)}")
+    p, pixel = backbone.num_prefix_tokens, backbone.patch_size
+    kept_n = keep.sum(1)
+    out: Tensor | None = None
+    with explaining(backbone, head), torch.no_grad():
+        images = plain(images)
+        tokens = backbone.embed(images) if mode == "token" else None  # [B, P+N, D]
+
+        def run(kp: Tensor, r: Tensor) -> Tensor:  # kp [s, N] (token mode: one count kept), r [s] their images
+            if mode == "token":
+                kept = kp.nonzero()[:, 1].view(kp.shape[0], int(kp[0].sum())) + p  # [s, c], ascending positions
+                pos = torch.cat([torch.arange(p, device=dev).expand(kp.shape[0], p), kept], 1)
+                return sequence_logits(backbone, head, tokens[r[:, None], pos])
+            drop = (~kp).to(images.dtype).view(-1, 1, gh, gw)
+            drop = drop.repeat_interleave(pixel, 2).repeat_interleave(pixel, 3)  # [s, 1, H, W]
+            x = images[r] * (1 - drop) + fill[r] * drop  # [s, 3, H, W]
+            return sequence_logits(backbone, head, backbone.embed(x))
+
+        # groups of one sequence length; keeping all or none: the input depends on the image alone (-1: the rest)
+        group = kept_n if mode == "token" else torch.where((kept_n == 0) | (kept_n == n), kept_n, -1)
+        for c in group.unique().tolist():
+            sel = (group == c).nonzero()[:, 0]
+            r = rows[sel]
+            if c in (0, n):  # once per image
+                r, inverse = r.unique(return_inverse=True)
+                kp = torch.full((r.shape[0], n), c == n, dtype=torch.bool, device=dev)
+            else:
+                inverse, kp = None, keep[sel]
+            chunk = _sequences_per_chunk(backbone, p + (c if mode == "token" else n), max_elements)
+            logits = torch.cat([run(kp[i:i + chunk], r[i:i + chunk]) for i in range(0, r.shape[0], chunk)])
+            if out is None:
+                out = torch.empty(keep.shape[0], logits.shape[1], device=dev, dtype=logits.dtype)
+            out[sel] = logits if inverse is None else logits[inverse]
+    return out
 
 
 def deletion_curves(
@@ -79,7 +149,7 @@ def deletion_curves(
     sequence after the position embedding (the ViT-native variant, like TAM); mode "pixel": the patch's pixels are
     replaced by the image's per-channel mean ("mean"), a Gaussian blur of the image ("blur", sigma = blur_sigma,
     default half a patch) or 0 ("zero", the normalised data mean). images [B, 3, H, W], targets [B, K],
-    maps [B, K, gh, gw] (one map per target). All sequences of a step share one batched forward.
+    maps [B, K, gh, gw] (one map per target). Every step of every map goes through `patch_logits` at once.
     """
     if mode not in DELETION_MODES:
         raise CdamError(f"unknown deletion mode {mode!r}; choose one of {', '.join(DELETION_MODES)}")
@@ -88,66 +158,37 @@ def deletion_curves(
     if int(steps) < 1:
         raise CdamError(f"deletion needs steps >= 1, got {steps}")
     gh, gw = backbone.check_images(images)
-    head = head_or_identity(head)
     b, n = images.shape[0], gh * gw
     idx = as_targets(targets, b, images.device)
     k = idx.shape[1]
     if tuple(maps.shape) != (b, k, gh, gw):
         raise CdamError(f"maps must be [B={b}, K={k}, {gh}, {gw}] (one per target), got {tuple(maps.shape)}")
     order = deletion_order(maps, seed).to(images.device)  # [B, K, N]
-    orders = torch.stack([order, order.flip(-1)], 2)  # [B, K, 2, N]: MIF, LIF
+    orders = torch.stack([order, order.flip(-1)], 2).reshape(b * k * 2, n)  # MIF, LIF
     counts = [round(s * n / steps) for s in range(int(steps) + 1)]
-    curves = torch.empty(b, k, 2, len(counts), device=images.device)
-    chunk = _sequences_per_chunk(backbone, backbone.num_prefix_tokens + n, max_elements)
-    rows = torch.arange(b, device=images.device).repeat_interleave(2 * k)  # sequence -> image
-    tgt = idx.repeat_interleave(2, dim=1).reshape(-1)  # sequence -> target class, [B*K*2]
+    keep = keep_after_removal(orders, counts)  # [S * B*K*2, N], step-major
+    rows = torch.arange(b, device=images.device).repeat_interleave(2 * k).repeat(len(counts))
+    fill = None
+    if mode == "pixel":
+        with torch.no_grad():
+            fill = {"mean": lambda x: x.mean((2, 3), keepdim=True).expand_as(x).contiguous(),
+                    "blur": lambda x: gaussian_blur(x, float(blur_sigma) if blur_sigma else backbone.patch_size / 2),
+                    "zero": torch.zeros_like}[replace](plain(images))
+    logits = patch_logits(backbone, head, images, keep, rows, mode=mode, fill=fill, max_elements=max_elements)
+    check_range(idx, logits.shape[1])
+    tgt = idx.repeat_interleave(2, dim=1).reshape(-1).repeat(len(counts))  # row -> target class
+    val = logits.gather(1, tgt[:, None])[:, 0].view(len(counts), b, k, 2)
+    return val.permute(1, 2, 3, 0).float()
 
-    with explaining(backbone, head), torch.no_grad():
-        images = plain(images)
-        if mode == "token":
-            tokens = backbone.embed(images)  # [B, T, D]
-            p = backbone.num_prefix_tokens
-        else:
-            pixel = backbone.patch_size
-            if replace == "mean":
-                fill = images.mean((2, 3), keepdim=True).expand_as(images)
-            elif replace == "blur":
-                fill = _gaussian_blur(images, float(blur_sigma) if blur_sigma else pixel / 2)
-            else:
-                fill = torch.zeros_like(images)
-        full = sequence_logits(backbone, head, tokens if mode == "token" else backbone.embed(images))
-        check_range(idx, full.shape[1])
-        for c in sorted(set(counts)):
-            cols = [s for s, cs in enumerate(counts) if cs == c]
-            if c == 0:
-                val = full.gather(1, idx)[:, :, None].expand(b, k, 2)  # intact image
-            elif c == n:  # everything deleted: the same input for every target and order of an image
-                if mode == "token":
-                    empty = sequence_logits(backbone, head, tokens[:, :p])
-                else:
-                    empty = sequence_logits(backbone, head, backbone.embed(fill.contiguous()))
-                val = empty.gather(1, idx)[:, :, None].expand(b, k, 2)
-            else:
-                removed = orders[..., :c].reshape(b * k * 2, c)  # [S, c]
-                out = torch.empty(b * k * 2, device=images.device)
-                for start in range(0, b * k * 2, chunk):
-                    sl = slice(start, start + chunk)
-                    if mode == "token":
-                        keep = torch.ones(removed[sl].shape[0], n, dtype=torch.bool, device=images.device)
-                        keep.scatter_(1, removed[sl], False)
-                        kept = keep.nonzero()[:, 1].view(keep.shape[0], n - c) + p  # [S', N-c], ascending positions
-                        pos = torch.cat([torch.arange(p, device=images.device).expand(kept.shape[0], p), kept], 1)
-                        logits = sequence_logits(backbone, head, tokens[rows[sl, None], pos])
-                    else:
-                        drop = torch.zeros(removed[sl].shape[0], n, device=images.device)
-                        drop.scatter_(1, removed[sl], 1.0)
-                        drop = drop.view(-1, 1, gh, gw).repeat_interleave(pixel, 2).repeat_interleave(pixel, 3)
-                        x = images[rows[sl]] * (1 - drop) + fill[rows[sl]] * drop  # [S', 3, H, W]
-                        logits = sequence_logits(backbone, head, backbone.embed(x))
-                    out[sl] = logits.gather(1, tgt[sl, None])[:, 0]
-                val = out.view(b, k, 2)
-            curves[..., cols] = val[..., None].float()
-    return curves
+
+def keep_after_removal(orders: Tensor, counts: list[int]) -> Tensor:
+    """Which patches stay when the first c of each ranking are removed: orders [R, N] (rankings), counts [S] ->
+    keep [S * R, N] bool, step-major (row s * R + r: ranking r with counts[s] patches removed)."""
+    r, n = orders.shape
+    ranks = torch.empty_like(orders)
+    ranks.scatter_(1, orders, torch.arange(n, device=orders.device).expand(r, n))  # position of each patch
+    c = torch.tensor(counts, device=orders.device)
+    return (ranks[None] >= c[:, None, None]).reshape(len(counts) * r, n)
 
 
 def fidelity_from_curves(curves: Tensor) -> Tensor:

@@ -5,16 +5,20 @@ over tokens (lower = more class-sensitive; a class-agnostic method scores 1).
 
 Identical maps give 1 (also when constant); a constant map against a different one gives 0 (no linear relation
 to measure).
+
+Pooled correlation between two methods (the form of the paper's first version's table, e.g. TAM-CDAM 0.44): one
+Pearson correlation over all token scores of all images pooled together, not a mean of per-image correlations.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 
 from cdam_pl.errors import CdamError
 from cdam_pl.metrics._base import MeanMetricBase, flat_maps
 
-__all__ = ["map_correlation", "ClassSensitivity"]
+__all__ = ["map_correlation", "ClassSensitivity", "pooled_correlation", "PooledCorrelation"]
 
 
 def _pearson(a: Tensor, b: Tensor) -> Tensor:
@@ -61,3 +65,44 @@ class ClassSensitivity(MeanMetricBase):
             raise CdamError(f"ClassSensitivity needs maps [B, K>={max(self.pair) + 1}, gh, gw], "
                             f"got {tuple(maps.shape)}")
         self.accumulate(_correlation_update(maps[:, self.pair[0]], maps[:, self.pair[1]]))
+
+
+def pooled_correlation(maps_a: Tensor, maps_b: Tensor) -> Tensor:
+    """Pearson correlation over every token score of every map pooled together (not a per-image mean): two methods'
+    maps of the same images and targets, [..., gh, gw] each -> scalar. Identical inputs give 1, a constant one 0."""
+    if maps_a.shape != maps_b.shape or maps_a.ndim < 2:
+        raise CdamError(f"pooled_correlation needs two sets of maps of one shape [..., gh, gw], got "
+                        f"{tuple(maps_a.shape)} and {tuple(maps_b.shape)}")
+    return _pearson(maps_a.detach().reshape(1, -1).double(), maps_b.detach().reshape(1, -1).double())[0].float()
+
+
+class PooledCorrelation(Metric):
+    """Pearson correlation of two methods' token scores, pooled over everything seen: update(maps_a, maps_b) with
+    paired maps [..., gh, gw]. The states are float64 sums (n, sums, sums of squares and products), so DDP sync
+    adds them up and compute() equals `pooled_correlation` of all maps concatenated. NaN when nothing was seen or
+    one side is constant."""
+
+    full_state_update = False
+    higher_is_better = None
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for name in ("n", "sa", "sb", "saa", "sbb", "sab"):
+            self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, maps_a: Tensor, maps_b: Tensor) -> None:
+        if maps_a.shape != maps_b.shape or maps_a.ndim < 2:
+            raise CdamError(f"PooledCorrelation needs paired maps of one shape [..., gh, gw], got "
+                            f"{tuple(maps_a.shape)} and {tuple(maps_b.shape)}")
+        a, b = maps_a.detach().reshape(-1).double(), maps_b.detach().reshape(-1).double()
+        self.n += a.numel()
+        self.sa += a.sum()
+        self.sb += b.sum()
+        self.saa += (a * a).sum()
+        self.sbb += (b * b).sum()
+        self.sab += (a * b).sum()
+
+    def compute(self) -> Tensor:
+        cov = self.sab - self.sa * self.sb / self.n
+        den = ((self.saa - self.sa ** 2 / self.n) * (self.sbb - self.sb ** 2 / self.n)).sqrt()
+        return (cov / den).clamp(-1.0, 1.0).float() if self.n > 0 and den > 0 else torch.tensor(float("nan"))

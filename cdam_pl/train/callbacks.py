@@ -13,8 +13,9 @@ What it explains (`cdam_pl.train.explained.find_model`): this project's HeadClas
 `cdam_model()`, or the one timm / Hugging Face ViT among the module's children.
 
 Pictures have stable tags, one per tracked image and map kind: `explain/img00/classes` (a grid of at most three maps a
-row), `explain/img00/concepts`, `explain/img00/attention`. Scalars per logging step: `explain/compactness`,
-`explain/class_sensitivity`, `explain/faithfulness` (+ `explain/deletion_drop_top`, `explain/deletion_drop_random`);
+row), `explain/img00/concepts`, `explain/img00/attention`. Scalars per logging step: `explain/compactness_v1`,
+`explain/compactness_symmetric` (the two rules, on the predicted class's maps), `explain/class_sensitivity`,
+`explain/faithfulness` (+ `explain/deletion_drop_top`, `explain/deletion_drop_random`);
 TensorBoard also gets the histograms `explain/scores_predicted` and `explain/faithfulness_per_image`. Where each
 logger gets them (TensorBoard, `log_image` loggers such as W&B, PNG files for the others):
 `cdam_pl.train.publish`. At the end of fitting one PNG strip per tracked image (maps across the logged epochs) goes
@@ -53,7 +54,7 @@ from cdam_pl.data.splits import stratified_subset
 from cdam_pl.data.transforms import build_transform
 from cdam_pl.errors import CdamError, ConfigError, DataError
 from cdam_pl.explain.cdam import CDAM, SIMILARITIES, concept_vectors
-from cdam_pl.metrics.compactness import compactness
+from cdam_pl.metrics.compactness import compactness_symmetric, compactness_v1
 from cdam_pl.metrics.deletion import deletion_drop, embed_without_tokens
 from cdam_pl.metrics.sensitivity import map_correlation
 from cdam_pl.train.explained import Explained, find_model, pick_images
@@ -403,7 +404,8 @@ class ExplanationCallback(L.Callback):
         faith = (drop_top - drop_random).float()
         sens = map_correlation(maps[:, 1], maps[:, 2]) if k >= 2 else torch.full_like(faith, float("nan"))
         scalars = {
-            "explain/compactness": compactness(maps[:, 1]).mean().item(),
+            "explain/compactness_v1": compactness_v1(maps[:, 1]).mean().item(),
+            "explain/compactness_symmetric": compactness_symmetric(maps[:, 1]).mean().item(),
             "explain/class_sensitivity": sens.mean().item(),
             "explain/faithfulness": faith.mean().item(),
             "explain/deletion_drop_top": drop_top.mean().item(),
