@@ -4,7 +4,7 @@
     python bench/run_all.py --only explain_throughput     # as ratios, into BENCHMARKS.md
 
 Prints three numbers: the model alone (one `CDAM.explain` per batch: what the maps cost), the whole command
-(reading, resizing, explaining, drawing the PNG panels, writing maps.npz, the manifest and the gallery), and the
+(reading, resizing, explaining, drawing the PNG panels, writing the maps, the manifest and the gallery), and the
 whole command with --no-panels.
 """
 from __future__ import annotations
@@ -89,8 +89,6 @@ def measure(images: int = 64, batch_size: int = 16, device: str = "cpu", methods
 
 def run(quick: bool = False, device: str = "cpu"):
     """Rows for bench/run_all.py: explain.py's loop against the maps alone, same images, same process."""
-    import torch
-
     from bench.common import Row, cpu_threads
 
     cpu_threads(device)

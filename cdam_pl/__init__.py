@@ -11,6 +11,7 @@ from cdam_pl.errors import CdamError, CheckpointError, ConfigError, DataError
 from cdam_pl.explain.attention import attention_maps
 from cdam_pl.explain.cdam import CDAM, Explanation, concept_vectors
 from cdam_pl.report.run import ExplainOptions, explain_to_dir
+from cdam_pl.store.reader import StoredExplanation, load_explanations
 from cdam_pl.train.callbacks import ExplanationCallback
 from cdam_pl.train.module import HeadClassifier
 from cdam_pl.train.run import run_training
@@ -28,12 +29,14 @@ __all__ = [
     "HeadClassifier",
     "ImageDataModule",
     "LoadedModel",
+    "StoredExplanation",
     "attention_maps",
     "concept_vectors",
     "explain_to_dir",
     "load_backbone",
     "load_checkpoint",
     "load_config",
+    "load_explanations",
     "run_training",
 ]
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import explain
-from cdam_pl import report
+from cdam_pl import load_explanations, report
 from cdam_pl.explain import registry
 from cdam_pl.checkpoint import load_checkpoint
 from cdam_pl.data import build_transform, load_image
@@ -105,48 +105,46 @@ def full_run(tiny_checkpoint, tmp_path_factory):
     rc = explain.main([tiny_checkpoint, str(root / "imgs"), "--out", str(out), "--methods", "cdam,attention",
                        "--concept", f"blob={concept}", "--batch-size", "3", "--device", "cpu"])
     manifest = json.loads((out / "manifest.json").read_text())
-    with np.load(out / "maps.npz", allow_pickle=False) as z:
-        maps = {k: z[k] for k in z.files}
-    return dict(rc=rc, files=files, concept=concept, out=out, manifest=manifest, maps=maps)
+    return dict(rc=rc, files=files, concept=concept, out=out, manifest=manifest, maps=load_explanations(out))
 
 
 # --------------------------------------------------------------------------------------------- the saved maps
 
 
 def test_saved_maps_equal_library_output(full_run, model):
-    m, z = full_run["manifest"], full_run["maps"]
+    m, ex = full_run["manifest"], full_run["maps"]
     assert full_run["rc"] == 0
     records = m["images"]
     paths = [Path(r["path"]) for r in records]
     x = inputs(model, paths)  # all at the checkpoint's 32x32
     names, vectors = concept_vectors(model.backbone, {"blob": inputs(model, sorted(full_run["concept"].iterdir()))})
-    ex = CDAM(model.backbone, model.head).explain(x, targets=lambda logits: logits.topk(3, dim=1).indices,
-                                                  concepts=vectors, attention=True)
-    assert list(z["images"]) == [str(p) for p in paths]
-    assert list(z["concepts"]) == ["blob"] and list(z["classes"]) == [str(c) for c in range(10)]
+    assert list(ex) == [str(p) for p in paths] and ex.methods == ["cdam", "attention"]
+    assert ex.concepts == ["blob"] and ex.classes == [str(c) for c in range(10)]
+    ref = CDAM(model.backbone, model.head).explain(x, targets=lambda logits: logits.topk(3, dim=1).indices,
+                                                   concepts=vectors, attention=True)
     for b, r in enumerate(records):
-        i = r["index"]
-        assert z["index"][b] == i
-        np.testing.assert_array_equal(z[f"{i}/targets"], ex.targets[b].numpy())
-        close(z[f"{i}/logits"], ex.logits[b])
-        cdam = z[f"{i}/cdam"]
+        i, e = r["index"], ex[r["path"]]
+        assert e.index == i and e.record == r
+        np.testing.assert_array_equal(e.targets, ref.targets[b].numpy())
+        assert e.target_names == [str(c) for c in ref.targets[b].tolist()]
+        close(e.logits, ref.logits[b])
+        cdam = e.maps["cdam"]
         assert cdam.dtype == np.float32 and cdam.shape == (4, 2, 2)  # 3 targets + 1 concept on the 2x2 grid
-        close(cdam[:3], ex.class_maps[b])
-        close(cdam[3:], ex.concept_maps[b])
-        close(z[f"{i}/attention"], ex.attention[b].mean(0, keepdim=True))
-        close(z[f"{i}/concept_scores"], ex.concept_scores[b])
-        assert list(z[f"{i}/cdam/rows"]) == [f"class:{c}" for c in ex.targets[b].tolist()] + ["concept:blob"]
-        assert list(z[f"{i}/attention/rows"]) == ["image"]
+        close(cdam[:3], ref.class_maps[b])
+        close(cdam[3:], ref.concept_maps[b])
+        close(e.maps["attention"], ref.attention[b].mean(0, keepdim=True))
+        close(e.concept_scores, ref.concept_scores[b])
+        assert e.rows["cdam"] == [f"class:{c}" for c in ref.targets[b].tolist()] + ["concept:blob"]
+        assert e.rows["attention"] == ["image"]
         # manifest: targets with logits and softmax probabilities, concept scores
-        probs = ex.logits[b].softmax(0)
-        for t, c in zip(r["targets"], ex.targets[b].tolist()):
+        probs = ref.logits[b].softmax(0)
+        for t, c in zip(r["targets"], ref.targets[b].tolist()):
             assert t["index"] == c and t["class"] == str(c)
-            assert t["logit"] == pytest.approx(ex.logits[b, c].item(), rel=1e-5, abs=1e-6)
+            assert t["logit"] == pytest.approx(ref.logits[b, c].item(), rel=1e-5, abs=1e-6)
             assert t["probability"] == pytest.approx(probs[c].item(), rel=1e-5, abs=1e-7)
-        assert r["prediction"]["index"] == int(ex.logits[b].argmax())
-        assert r["concepts"][0]["score"] == pytest.approx(ex.concept_scores[b, 0].item(), rel=1e-5)
-        assert r["maps"]["cdam"] == {"key": f"{i}/cdam", "shape": [4, 2, 2], "rows": list(z[f"{i}/cdam/rows"]),
-                                     "params": {}}
+        assert r["prediction"]["index"] == int(ref.logits[b].argmax())
+        assert r["concepts"][0]["score"] == pytest.approx(ref.concept_scores[b, 0].item(), rel=1e-5)
+        assert r["maps"]["cdam"] == {"key": f"{i}/cdam", "shape": [4, 2, 2], "rows": e.rows["cdam"], "params": {}}
 
 
 def test_panels_manifest_and_gallery_name_every_image(full_run, tiny_checkpoint):
@@ -155,7 +153,7 @@ def test_panels_manifest_and_gallery_name_every_image(full_run, tiny_checkpoint)
     assert sorted(r["path"] for r in m["images"]) == sorted(str(p) for p in good.values())
     assert m["skipped"] == [{"index": 0, "path": str(files["corrupt"]), "reason": m["skipped"][0]["reason"]}]
     assert "corrupt.png" in m["skipped"][0]["reason"] and "not a recognised image" in m["skipped"][0]["reason"]
-    assert len(full_run["maps"]["images"]) == len(good)
+    assert len(full_run["maps"]) == len(good)
     # manifest: checkpoint, backbone identity, image size, methods + parameters, versions
     assert m["checkpoint"]["path"] == str(Path(tiny_checkpoint).resolve())
     assert m["checkpoint"]["classes"] == [str(c) for c in range(10)]
@@ -204,16 +202,16 @@ def test_keep_aspect_grid_follows_the_image(tiny_checkpoint, model, tmp_path, ca
                       "--batch-size", "8"], capsys)
     assert rc == 0, err
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    z = np.load(tmp_path / "o" / "maps.npz")
+    ex = load_explanations(tmp_path / "o")
     # area about 32*32, each side a multiple of 16: 32x64 -> 16x48, EXIF-rotated 64x32 -> 48x16, square stays
     expected = {"wide.png": ([16, 48], [1, 3]), "rotated.jpg": ([48, 16], [3, 1]), "rgb.png": ([32, 32], [2, 2])}
     cdam = CDAM(model.backbone, model.head)
     for r in m["images"]:
         size, grid = expected[r["name"]]
         assert r["input_size"] == size and r["grid"] == grid
-        assert z[f"{r['index']}/cdam"].shape == (2, *grid)
+        assert ex[r["path"]].maps["cdam"].shape == (2, *grid)
         ref = cdam.explain(inputs(model, [r["path"]], size), targets=lambda lg: lg.topk(2, dim=1).indices)
-        close(z[f"{r['index']}/cdam"], ref.class_maps[0])
+        close(ex[r["path"]].maps["cdam"], ref.class_maps[0])
     assert m["image_size"] == {"mode": "keep-aspect", "area_of": [32, 32], "multiple_of": 16}
 
 
@@ -222,12 +220,13 @@ def test_img_size_and_named_targets(tiny_checkpoint, model, tmp_path, capsys):
     rc, _, err = run([tiny_checkpoint, files["rgb"], files["gray"], "--img-size", "48", "32", "--targets", "7,3",
                       "--out", tmp_path / "o"], capsys)
     assert rc == 0, err
-    z = np.load(tmp_path / "o" / "maps.npz")
-    x = inputs(model, [files["gray"], files["rgb"]], (48, 32))  # sorted order: gray, rgb
+    ex = load_explanations(tmp_path / "o")
+    assert list(ex) == [str(files["gray"]), str(files["rgb"])]  # sorted order: gray, rgb
+    x = inputs(model, [files["gray"], files["rgb"]], (48, 32))
     ref = CDAM(model.backbone, model.head).class_maps(x, [7, 3])  # [2, 2, 3, 2]
-    for b, i in enumerate(z["index"]):
-        assert list(z[f"{i}/targets"]) == [7, 3] and list(z[f"{i}/cdam/rows"]) == ["class:7", "class:3"]
-        close(z[f"{i}/cdam"], ref[b])
+    for b, e in enumerate(ex.values()):
+        assert list(e.targets) == [7, 3] and e.rows["cdam"] == ["class:7", "class:3"]
+        close(e.maps["cdam"], ref[b])
 
 
 def test_smooth_and_integrated_match_library(tiny_checkpoint, model, tmp_path, capsys):
@@ -237,7 +236,7 @@ def test_smooth_and_integrated_match_library(tiny_checkpoint, model, tmp_path, c
                       "--n-samples", "3", "--n-steps", "4", "--seed", "5", "--out", tmp_path / "o"], capsys)
     assert rc == 0, err
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    z = np.load(tmp_path / "o" / "maps.npz")
+    ex = load_explanations(tmp_path / "o")
     x = inputs(model, [r["path"] for r in m["images"]])
     cdam = CDAM(model.backbone, model.head)
     pred = lambda logits: logits.argmax(1, keepdim=True)  # noqa: E731
@@ -245,8 +244,8 @@ def test_smooth_and_integrated_match_library(tiny_checkpoint, model, tmp_path, c
     smooth = cdam.class_maps(x, pred, variant="smooth", n_samples=3, generator=torch.Generator().manual_seed(5))
     integ = cdam.class_maps(x, pred, variant="integrated", n_steps=4, generator=torch.Generator().manual_seed(5))
     for b, r in enumerate(m["images"]):
-        close(z[f"{r['index']}/smooth"], smooth[b])
-        close(z[f"{r['index']}/integrated"], integ[b])
+        close(ex[r["path"]].maps["smooth"], smooth[b])
+        close(ex[r["path"]].maps["integrated"], integ[b])
     params = {x["name"]: x["params"] for x in m["methods"]}
     assert params == {"smooth": {"n_samples": 3, "noise": 0.05, "seed": 5},
                       "integrated": {"n_steps": 4, "noise": 0.0, "seed": 5}}
@@ -264,14 +263,14 @@ def test_comparison_methods_come_from_the_registry(tiny_checkpoint, model, tmp_p
     assert rc == 0, err
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert [x["name"] for x in m["methods"]] == ["tam", "rp", "ixg", "attention"]  # am is the attention shortcut
-    z = np.load(tmp_path / "o" / "maps.npz")
+    ex = load_explanations(tmp_path / "o")
     x = inputs(model, [r["path"] for r in m["images"]])
     top2 = model.head(model.backbone(x)).topk(2, dim=1).indices
     for name in ("tam", "rp", "ixg"):
         ref = registry.get(name)(model.backbone, model.head, x, top2)  # [B, 2, gh, gw]
         for b, r in enumerate(m["images"]):
-            assert list(z[f"{r['index']}/{name}/rows"]) == [f"class:{model.classes[k]}" for k in top2[b].tolist()]
-            close(z[f"{r['index']}/{name}"], ref[b])
+            assert ex[r["path"]].rows[name] == [f"class:{model.classes[k]}" for k in top2[b].tolist()]
+            close(ex[r["path"]].maps[name], ref[b])
 
 
 def test_rerun_ignores_its_own_output_folder(tiny_checkpoint, tmp_path, capsys, monkeypatch):
@@ -291,10 +290,10 @@ def test_no_panels_writes_arrays_only(tiny_checkpoint, tmp_path, capsys):
     files = make_images(tmp_path / "imgs")
     rc, out, err = run([tiny_checkpoint, files["rgb"], files["gray"], "--no-panels", "--out", tmp_path / "o"], capsys)
     assert rc == 0, err
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["manifest.json", "maps.npz"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["manifest.json", "maps"]
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert [r["panel"] for r in m["images"]] == [None, None] and "gallery" not in out
-    assert np.load(tmp_path / "o" / "maps.npz")["images"].tolist() == [str(files["gray"]), str(files["rgb"])]
+    assert list(load_explanations(tmp_path / "o")) == [str(files["gray"]), str(files["rgb"])]
 
 
 def test_panels_drawn_in_worker_processes_equal_inline(tiny_checkpoint, tmp_path):
@@ -370,14 +369,15 @@ def test_registered_methods_plug_in(tiny_checkpoint, model, tmp_path, capsys):
                           "--targets", "top2", "--n-samples", "3", "--seed", "4", "--out", tmp_path / "o"], capsys)
         assert rc == 0, err
         m = json.loads((tmp_path / "o" / "manifest.json").read_text())
-        z = np.load(tmp_path / "o" / "maps.npz")
+        ex = load_explanations(tmp_path / "o")
         x = inputs(model, [r["path"] for r in m["images"]])
         pooled = F.avg_pool2d(x[:, :1], 16)
         for b, r in enumerate(m["images"]):
-            t = torch.as_tensor(z[f"{r['index']}/targets"])
-            close(z[f"{r['index']}/patchmean"], pooled[b] * (t[:, None, None] + 1) * 2.0 + 4)
-            close(z[f"{r['index']}/brightness"], F.avg_pool2d(x[b:b + 1].mean(1, keepdim=True), 16)[0])
-            assert list(z[f"{r['index']}/brightness/rows"]) == ["image"]
+            e = ex[r["path"]]
+            t = torch.as_tensor(e.targets)
+            close(e.maps["patchmean"], pooled[b] * (t[:, None, None] + 1) * 2.0 + 4)
+            close(e.maps["brightness"], F.avg_pool2d(x[b:b + 1].mean(1, keepdim=True), 16)[0])
+            assert e.rows["brightness"] == ["image"]
         params = {x["name"]: x["params"] for x in m["methods"]}
         assert params == {"patchmean": {"n_samples": 3, "scale": 2.0, "seed": 4}, "brightness": {}}
         assert m["methods"][0]["description"].startswith("Toy: first channel")

@@ -28,6 +28,7 @@ from cdam_pl.explain.reference import naive_cdam
 from cdam_pl.explain.tam import naive_token_ablation_map, token_ablation_map
 from cdam_pl.features.cache import cache_key
 from cdam_pl.metrics import deletion_curves, deletion_drop, embed_without_tokens
+from cdam_pl.store import load_explanations
 from cdam_pl.train.callbacks import ExplanationCallback
 from cdam_pl.train.run import build_backbone, build_datamodule, run_training
 from tests.conftest import TINY, TINY_MODELS, tiny_backbone, tiny_config
@@ -402,7 +403,7 @@ def test_explain_py_maps_equal_the_library_on_a_pooled_checkpoint(runs, pool, tm
     assert rc == 0, capsys.readouterr().err
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["backbone"]["pool"] == pool
-    z = np.load(tmp_path / "o" / "maps.npz")
+    z = load_explanations(tmp_path / "o")
     model = load_checkpoint(ckpt)
     dc = model.backbone.data_config
     tf = build_transform(model.backbone.img_size, dc["mean"], dc["std"], dc["interpolation"])
@@ -425,9 +426,9 @@ def test_explain_py_maps_equal_the_library_on_a_pooled_checkpoint(runs, pool, tm
         expected[name] = registry.get(name)(model.backbone, model.head, x, targets, **params[name])
     assert set(expected) == set(methods)
     for b, r in enumerate(manifest["images"]):
-        np.testing.assert_array_equal(z[f"{r['index']}/targets"], targets[b].numpy())
+        np.testing.assert_array_equal(z[r["path"]].targets, targets[b].numpy())
         for name, maps in expected.items():
-            got = z[f"{r['index']}/{name}"]
+            got = z[r["path"]].maps[name]
             assert got.shape[-2:] == (2, 3), name
             np.testing.assert_allclose(got, maps[b].numpy(), rtol=1e-4, atol=1e-6 * max(1.0, float(maps.abs().max())),
                                        err_msg=name)

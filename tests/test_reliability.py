@@ -407,7 +407,8 @@ def test_explain_outputs_are_written_by_rename(tiny_checkpoint, tmp_path, replac
     out = tmp_path / "explained"
     assert explain.main([tiny_checkpoint, str(tmp_path), "--out", str(out), "--quiet"]) == 0
     written = _files(out)
-    assert {p.name for p in written} >= {"maps.npz", "manifest.json", "index.html"}
+    assert {p.name for p in written} >= {"shard-00000.safetensors", "shard-00000.json", "index.json", "run.json",
+                                         "manifest.json", "index.html"}
     assert len([p for p in written if p.parent.name == "panels"]) == 3
     assert written <= replaced
 

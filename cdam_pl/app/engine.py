@@ -35,6 +35,7 @@ from cdam_pl.data.transforms import build_transform
 from cdam_pl.errors import DataError, NotFoundError, RequestError
 from cdam_pl.explain.cdam import CDAM, concept_vectors
 from cdam_pl.explain.registry import METHODS
+from cdam_pl.store.reader import npz_bytes
 from cdam_pl.viz.figures import panel
 from cdam_pl.viz.maps import DISPLAY_Q, display_range, overlay
 
@@ -356,12 +357,10 @@ class DemoEngine:
         img = self._image(image_id)
         grid = self.map(image_id, target, variant)
         _, label = self._label(target)
-        buf = io.BytesIO()
-        np.savez(buf, map=grid.astype(np.float32), attention=img.attention.astype(np.float32),
-                 logits=img.logits.astype(np.float32), classes=np.array(self.classes, dtype=str),
-                 target=np.array(target), label=np.array(label), variant=np.array(variant),
-                 image=np.array(img.name), input_size=np.array(img.x.shape[2:], dtype=np.int64))
-        return buf.getvalue()
+        return npz_bytes({"map": grid.astype(np.float32), "attention": img.attention.astype(np.float32),
+                          "logits": img.logits.astype(np.float32), "classes": np.array(self.classes, dtype=str),
+                          "target": np.array(target), "label": np.array(label), "variant": np.array(variant),
+                          "image": np.array(img.name), "input_size": np.array(img.x.shape[2:], dtype=np.int64)})
 
     def download_name(self, image_id: str, target: str, variant: str, suffix: str) -> str:
         img = self._image(image_id)

@@ -4,13 +4,16 @@
     summary = explain_to_dir("last.ckpt", ["photos/"], "explained", methods="cdam,attention", targets="top3")
 
 `targets.py` resolves what to explain, `inputs.py` sizes, loads and batches the images and builds concept vectors,
-`run.py` runs the methods of the registry on every batch, `outputs.py` writes the files, `cli.py` is the command line.
+`run.py` runs the methods of the registry on every batch of every shard and resumes killed runs, `devices.py` runs
+the shards as Lightning prediction on several devices, `outputs.py` writes the panels, manifest and gallery (the
+maps go through `cdam_pl.store`), `cli.py` is the command line.
 """
 from cdam_pl.report.cli import build_parser, main
 from cdam_pl.report.inputs import keep_aspect_size, parse_concepts
-from cdam_pl.report.outputs import MAPS_LAYOUT, default_render_processes
+from cdam_pl.report.outputs import default_render_processes
 from cdam_pl.report.run import MANIFEST_FORMAT, ExplainOptions, RunSummary, explain_to_dir, resolve_device
 from cdam_pl.report.targets import TargetSpec, default_targets, parse_targets
+from cdam_pl.store.shards import MAPS_LAYOUT
 
 __all__ = [
     "MANIFEST_FORMAT",

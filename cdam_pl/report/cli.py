@@ -9,8 +9,8 @@ from cdam_pl.cli import run_cli
 from cdam_pl.errors import CdamError, ConfigError
 from cdam_pl.explain.cdam import SIMILARITIES
 from cdam_pl.explain.registry import METHODS
-from cdam_pl.report.outputs import MAPS_LAYOUT
 from cdam_pl.report.run import ExplainOptions, explain_to_dir
+from cdam_pl.store.shards import DEFAULT_SHARD_SIZE, MAP_DTYPES, MAPS_LAYOUT, MAX_SHARD_SIZE
 
 DESCRIPTION = """\
 Explain a trained head's decisions on any images with class-discriminative attention maps (CDAM).
@@ -18,9 +18,14 @@ Explain a trained head's decisions on any images with class-discriminative atten
 Point it at a checkpoint written by train.py and at images (files, folders searched recursively, or globs).
 For every image it writes a PNG panel (the image, then one overlay per target and method, titled with the class
 or concept, logit and probability, each with a diverging colour bar: red = evidence for, blue = against), the raw
-signed token scores of the whole run in one maps.npz, a manifest.json (checkpoint, backbone, image sizes, per image
-the targets, logits, probabilities, methods and their parameters, package versions) and index.html, a gallery that
-opens offline in a browser. Unreadable images are skipped with a warning and listed in the manifest."""
+signed token scores in shards under maps/ (written as the run goes, so memory stays flat however many images),
+a manifest.json (checkpoint, backbone, image sizes, per image the targets, logits, probabilities, methods and
+their parameters, package versions) and index.html, a gallery that opens offline in a browser. Unreadable images
+are skipped with a warning and listed in the manifest.
+
+A run that is killed resumes: run the same command into the same --out and it skips the shards already written
+("resuming: N of M images already explained") and ends with exactly the maps of an uninterrupted run. A folder
+holding a run with another checkpoint, methods, targets or other settings is refused."""
 
 EPILOG = """\
 examples:
@@ -29,11 +34,12 @@ examples:
   python explain.py last.ckpt cat.jpg --targets cat,dog --methods cdam,smooth,integrated --n-samples 20
   python explain.py last.ckpt imgs/ --concept stripes=examples/stripes --concept fur=examples/fur --similarity cosine
   python explain.py last.ckpt imgs/ --img-size 224 336 --batch-size 32 --device cuda
+  python explain.py last.ckpt val/ --no-panels --devices 4 --accelerator gpu --dtype float16
 
 methods:
 {methods}
 
-maps.npz layout (numpy.load(path); no pickles):
+maps layout (read them with cdam_pl.load_explanations(OUT): image path -> .maps, .targets, .logits, ...):
 {layout}
   rows of a method: the K targets (in --targets order, or by logit for topN), then the M concepts for methods that
   explain concepts; class-agnostic methods have a single row.
@@ -51,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     width = max(len(n) for n in known) + 2
     epilog = EPILOG.format(
         methods="\n".join(f"  {n:<{width}}{m.description}" for n, m in known.items()),
-        layout="\n".join(f"  {k:<20}{v}" for k, v in MAPS_LAYOUT.items()),
+        layout="\n".join(f"  {k:<20}{v}" if k.startswith("{") else f"  {k}\n  {'':<20}{v}"
+                          for k, v in MAPS_LAYOUT.items()),
     )
     p = _Parser(prog="explain.py", description=DESCRIPTION, epilog=epilog,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="cdam", metavar="LIST",
                    help=f"comma-separated methods (default: cdam); available: {', '.join(known)}")
     p.add_argument("--out", default="explanations", metavar="DIR",
-                   help="output folder for panels/, maps.npz, manifest.json, index.html (default: explanations)")
+                   help="output folder for panels/, maps/, manifest.json, index.html (default: explanations); "
+                        "a folder holding an interrupted run of the same command is resumed")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--img-size", nargs=2, type=int, metavar=("H", "W"),
                       help="resize every image to H x W (multiples of the patch size); default: the image size "
@@ -83,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, metavar="N",
                    help="images per forward pass (images of different sizes never share a batch; default: 16)")
     p.add_argument("--device", default=None, metavar="cpu|cuda",
-                   help="where to run (default: cuda when available, else cpu)")
+                   help="the one device to run on (default: cuda when available, else cpu)")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="run as Lightning prediction on N devices instead (N CPU processes, or N GPUs), each "
+                        "explaining a fixed share of the shards; same maps as one device")
+    p.add_argument("--accelerator", default=None, metavar="cpu|gpu|auto",
+                   help="the kind of device for --devices (default: auto)")
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="backbone weights file, if it moved since training (its sha256 must match the checkpoint)")
     p.add_argument("--n-samples", type=int, default=None, metavar="N",
@@ -96,8 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the noise of sampling methods, re-applied at the start of every batch (default: 0)")
     p.add_argument("--no-panels", action="store_true",
-                   help="write maps.npz and manifest.json only (no PNGs, no gallery): drawing the panels takes "
+                   help="write maps/ and manifest.json only (no PNGs, no gallery): drawing the panels takes "
                         "far longer than computing the maps")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
+                   help=f"input images per shard of maps/, written as soon as it is done: the unit a killed run "
+                        f"resumes from and what memory holds (default: {DEFAULT_SHARD_SIZE}, at most "
+                        f"{MAX_SHARD_SIZE})")
+    p.add_argument("--dtype", choices=MAP_DTYPES, default="float32",
+                   help="how the maps are stored: float32 (default) or float16 (half the size; recorded in the "
+                        "manifest, read back as float32)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="threads that read and resize images (default: min(4, CPUs))")
     p.add_argument("--render-processes", type=int, default=None, metavar="N",
@@ -120,11 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             img_size=args.img_size, keep_aspect=args.keep_aspect, batch_size=args.batch_size, device=args.device,
             weights=args.weights, n_samples=args.n_samples, noise=args.noise, n_steps=args.n_steps, seed=args.seed,
             panels=not args.no_panels, workers=args.workers, render_processes=args.render_processes,
-            progress=not args.quiet)
+            progress=not args.quiet, shard_size=args.shard_size, dtype=args.dtype, devices=args.devices,
+            accelerator=args.accelerator)
         summary = explain_to_dir(args.checkpoint, args.inputs, args.out, options)
         if not args.quiet:
             skipped = f", {len(summary.skipped)} skipped" if summary.skipped else ""
-            print(f"explained {summary.explained} images{skipped} with {', '.join(summary.methods)} in "
+            resumed = f" ({summary.resumed} by an earlier run)" if summary.resumed else ""
+            print(f"explained {summary.explained} images{resumed}{skipped} with {', '.join(summary.methods)} in "
                   f"{summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s)")
             if "index" in summary.files:
                 print(f"gallery:  {summary.files['index']}")

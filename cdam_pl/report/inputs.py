@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -51,7 +51,7 @@ def displayed_size(path: Path) -> tuple[int, int]:
 
 @dataclass
 class Item:
-    index: int  # position in the sorted input list: the key prefix in maps.npz
+    index: int  # position in the sorted input list: the key prefix of the image's tensors in its shard
     path: Path
     size: tuple[int, int]  # model input (H, W)
 
@@ -99,15 +99,15 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
     return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
-def prefetched(batches: list[list[Item]], load: ImageLoader, workers: int) -> Iterator[tuple[list[Item], list]]:
-    """Yield (batch, [(tensor|None, original size, error)]) while the next batch loads in worker threads."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        submit = lambda b: [pool.submit(load, it.path, it.size) for it in b]  # noqa: E731
-        pending = submit(batches[0]) if batches else []
-        for j, batch in enumerate(batches):
-            current = pending
-            pending = submit(batches[j + 1]) if j + 1 < len(batches) else []
-            yield batch, [f.result() for f in current]
+def prefetched(batches: list[list[Item]], load: ImageLoader, pool: Executor) -> Iterator[tuple[list[Item], list]]:
+    """Yield (batch, [(tensor|None, original size, error)]) while the next batch loads in `pool`'s threads (one
+    pool for a whole run: threads made afresh for every shard would each leave the allocator another arena)."""
+    submit = lambda b: [pool.submit(load, it.path, it.size) for it in b]  # noqa: E731
+    pending = submit(batches[0]) if batches else []
+    for j, batch in enumerate(batches):
+        current = pending
+        pending = submit(batches[j + 1]) if j + 1 < len(batches) else []
+        yield batch, [f.result() for f in current]
 
 
 def outside_of(paths: list[Path], out: Path) -> list[Path]:
@@ -120,11 +120,12 @@ def outside_of(paths: list[Path], out: Path) -> list[Path]:
     return kept
 
 
-def plan(paths: list[Path], sizer: Sizer, load: ImageLoader, warn) -> tuple[list[Item], list[dict[str, Any]]]:
+def plan(paths: Sequence[Path], sizer: Sizer, load: ImageLoader, warn,
+         start: int = 0) -> tuple[list[Item], list[dict[str, Any]]]:
     """Every image's input size, from its header only; images whose header cannot be read are skipped here
-    (other failures surface when the batch loads)."""
+    (other failures surface when the batch loads). `paths[k]` is input number `start + k`."""
     items, skipped = [], []
-    for i, p in enumerate(paths):
+    for i, p in enumerate(paths, start):
         try:
             items.append(Item(i, p, sizer(p)))
         except Exception:

@@ -1,8 +1,8 @@
-"""explain.py's outputs: a PNG panel per image (drawn in worker processes for larger runs), the raw maps, the
-manifest and a static gallery, each file written atomically."""
+"""explain.py's outputs: a PNG panel per image (drawn in worker processes for larger runs), each shard's tensors
+and manifest entries (through `cdam_pl.store`), then the manifest and a static gallery, written as streams from
+the stored shards so that memory does not grow with the number of images; each file written atomically."""
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import multiprocessing
@@ -13,7 +13,7 @@ import urllib.parse
 from concurrent.futures import ProcessPoolExecutor
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, TextIO
 
 import matplotlib.font_manager  # noqa: F401  (builds matplotlib's font cache once, before worker processes start)
 import numpy as np
@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from cdam_pl.data.images import path_text
+from cdam_pl.errors import ConfigError
 from cdam_pl.explain.registry import Method
-from cdam_pl.io import atomic_write, atomic_write_text
+from cdam_pl.io import atomic_write
 from cdam_pl.report.inputs import Item
 from cdam_pl.viz.figures import panel
 from cdam_pl.viz.maps import DISPLAY_Q, save_png, to_uint8_image
@@ -90,6 +91,11 @@ class PanelWriter:
         while len(self.pending) > self.limit:
             self.pending.pop(0).result()
 
+    def drain(self) -> None:
+        """Wait until every submitted panel is saved (a shard counts as done only with its panels)."""
+        while self.pending:
+            self.pending.pop(0).result()
+
     def close(self, wait: bool = True) -> None:
         try:
             if wait:
@@ -101,19 +107,25 @@ class PanelWriter:
 
 
 class Results:
-    """Everything a run keeps per image: its rows of maps.npz, its panel (unless panels is None), its manifest
-    entry."""
+    """What one shard keeps per image until it is written: its tensors (keys as in `MAPS_LAYOUT`, method maps in
+    `dtype`), its panel (unless panels is None), its manifest entry. `take` hands them over and starts afresh."""
 
     def __init__(self, out: Path, classes: list[str], concept_names: list[str], similarity: str,
                  methods: list[Method], params: dict[str, dict], backbone, n_inputs: int,
-                 panels: PanelWriter | None):
+                 panels: PanelWriter | None, dtype: str = "float32"):
         self.out, self.classes, self.concept_names, self.similarity = out, classes, concept_names, similarity
-        self.methods, self.params, self.panels = methods, params, panels
+        self.methods, self.params, self.panels, self.dtype = methods, params, panels, np.dtype(dtype)
         self.dc = backbone.data_config
         self.grid_size = backbone.grid_size
         self.width = max(4, len(str(n_inputs)))
         self.arrays: dict[str, np.ndarray] = {}
         self.records: list[dict[str, Any]] = []
+
+    def take(self) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+        """-> (tensors, manifest entries in index order) of the images added since the last call."""
+        arrays, records = self.arrays, sorted(self.records, key=lambda r: r["index"])
+        self.arrays, self.records = {}, []
+        return arrays, records
 
     def add_batch(self, items: list[tuple[Item, tuple[int, int]]], images: Tensor, logits: Tensor, idx: Tensor,
                   scores: Tensor | None, maps: dict[str, np.ndarray]) -> None:
@@ -158,8 +170,7 @@ class Results:
                                  [f"concept {c['name']}\n{self.similarity} {fmt_number(c['score'])}"
                                   for c in concepts]))
             key = f"{i}/{m.name}"
-            self.arrays[key] = grid
-            self.arrays[f"{key}/rows"] = np.array(labels)
+            self.arrays[key] = self.stored(grid, m.name)
             map_info[m.name] = {"key": key, "shape": list(grid.shape), "rows": labels, "params": self.params[m.name]}
 
         rel = None
@@ -178,25 +189,38 @@ class Results:
         })
 
 
+    def stored(self, grid: np.ndarray, method: str) -> np.ndarray:
+        """A map in the storage dtype; float16 must not turn a finite score into infinity."""
+        with np.errstate(over="ignore"):  # checked just below, as one clear error
+            out = grid.astype(self.dtype)
+        if not np.isfinite(out).all() and np.isfinite(grid).all():
+            raise ConfigError(f"method {method!r} has scores up to {np.abs(grid).max():.3g}, beyond float16's range; "
+                              "use --dtype float32")
+        return out
+
+
 def to_display(image: Tensor, dc: dict[str, Any]) -> np.ndarray:
     return to_uint8_image(image, mean=dc["mean"], std=dc["std"])
 
 
-def gallery_html(manifest: dict[str, Any]) -> str:
-    """Static gallery: relative links to the panels, inline CSS, no external assets."""
+def gallery_figure(im: dict[str, Any]) -> str:
     e = html.escape
-    ck, bb = manifest["checkpoint"], manifest["backbone"]
-    methods = ", ".join(m["name"] for m in manifest["methods"])
-    figures = []
-    for im in manifest["images"]:
-        src = urllib.parse.quote(im["panel"])
-        pred = im["prediction"]
-        figures.append(
-            f'<figure id="image-{im["index"]}"><a href="{src}"><img src="{src}" alt="{e(im["name"])}" '
+    src = urllib.parse.quote(im["panel"])
+    pred = im["prediction"]
+    return (f'<figure id="image-{im["index"]}"><a href="{src}"><img src="{src}" alt="{e(im["name"])}" '
             f'loading="lazy"></a><figcaption><b>{e(im["name"])}</b> &middot; predicted {e(pred["class"])} '
-            f'(p {pred["probability"]:.2f}) &middot; <code>{e(im["path"])}</code></figcaption></figure>')
-    skipped = "".join(f"<li><code>{e(s['path'])}</code>: {e(s['reason'])}</li>" for s in manifest["skipped"])
-    return f"""<!doctype html>
+            f'(p {pred["probability"]:.2f}) &middot; <code>{e(im["path"])}</code></figcaption></figure>\n')
+
+
+def write_gallery(path: Path, head: dict[str, Any], images: Iterable[dict[str, Any]], n_images: int,
+                  skipped: list[dict[str, Any]]) -> Path:
+    """Static gallery: relative links to the panels, inline CSS, no external assets; `images` (manifest entries)
+    are streamed into the file, `head` is the manifest without them."""
+    e = html.escape
+    ck, bb, maps = head["checkpoint"], head["backbone"], head["maps"]
+    methods = ", ".join(m["name"] for m in head["methods"])
+    skipped_items = "".join(f"<li><code>{e(s['path'])}</code>: {e(s['reason'])}</li>" for s in skipped)
+    top = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>CDAM explanations: {e(Path(ck["path"]).name)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
@@ -206,15 +230,41 @@ figcaption {{ font-size: 0.9em; margin-top: 0.3em; }} code {{ color: #555; }}
 <body>
 <h1>CDAM explanations</h1>
 <p>checkpoint <code>{e(ck["path"])}</code> &middot; backbone {e(bb["name"])} ({e(str(bb["weights"]))})
-&middot; methods {e(methods)} &middot; targets {e(manifest["targets"])}
-&middot; {len(manifest["images"])} images explained, {len(manifest["skipped"])} skipped.
+&middot; methods {e(methods)} &middot; targets {e(head["targets"])}
+&middot; {n_images} images explained, {len(skipped)} skipped.
 Red = evidence for the target, blue = against it; the maps of a row share one colour bar.
-Raw maps: <a href="{e(manifest["maps"]["file"])}">{e(manifest["maps"]["file"])}</a>,
-details: <a href="manifest.json">manifest.json</a>.</p>
-{chr(10).join(figures)}
-{f"<h2>Skipped</h2><ul>{skipped}</ul>" if skipped else ""}
-</body></html>
+Raw maps: <a href="{e(maps["index"])}">{e(maps["index"])}</a> (read them with
+<code>cdam_pl.load_explanations</code>), details: <a href="manifest.json">manifest.json</a>.</p>
 """
+
+    def write(f: TextIO) -> None:
+        f.write(top)
+        for im in images:
+            f.write(gallery_figure(im))
+        f.write((f"<h2>Skipped</h2><ul>{skipped_items}</ul>\n" if skipped else "") + "</body></html>\n")
+
+    return atomic_write(path, write, mode="w")
+
+
+def _indented(value: Any, depth: int) -> str:
+    return json.dumps(value, indent=1).replace("\n", "\n" + " " * depth)
+
+
+def write_manifest(path: Path, head: dict[str, Any], images: Iterable[dict[str, Any]],
+                   skipped: list[dict[str, Any]]) -> Path:
+    """manifest.json: `head`, then the entries of every image (streamed from `images`), then the skipped inputs;
+    laid out as json.dump(indent=1) would."""
+
+    def write(f: TextIO) -> None:
+        f.write("{")
+        for k, v in head.items():
+            f.write(f"\n {json.dumps(k)}: {_indented(v, 1)},")
+        f.write('\n "images": [')
+        for n, im in enumerate(images):
+            f.write(("," if n else "") + "\n  " + _indented(im, 2))
+        f.write(f'\n ],\n "skipped": {_indented(skipped, 1)}\n}}\n')
+
+    return atomic_write(path, write, mode="w")
 
 
 def versions() -> dict[str, str]:
@@ -225,42 +275,3 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = "source checkout (not pip-installed)" if dist == "cdam-pl" else "not installed"
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-MAPS_LAYOUT = {
-    "images": "str [N]: path of every explained image, in index order",
-    "index": "int64 [N]: each image's index i (its position in the sorted input list; unreadable images leave gaps)",
-    "classes": "str [C]: the head's class names",
-    "concepts": "str [M]: concept names",
-    "methods": "str [#methods]",
-    "{i}/logits": "float32 [C]: raw head outputs of image i",
-    "{i}/targets": "int64 [K]: class indices explained for image i",
-    "{i}/concept_scores": "float32 [M]: similarity of image i to each concept (when concepts are given)",
-    "{i}/{method}": "float32 [R, gh, gw]: signed token scores of image i (stored unclipped)",
-    "{i}/{method}/rows": "str [R]: what each row explains: 'class:NAME', 'concept:NAME' or 'image' (class-agnostic)",
-}
-
-
-def write_outputs(out: Path, arrays: dict[str, np.ndarray], records, classes, concept_names, methods, manifest,
-                   panels: bool) -> dict[str, Path]:
-    """maps.npz, manifest.json and (with panels) index.html, each written atomically."""
-    arrays = {**arrays,
-              "images": np.array([r["path"] for r in records]),
-              "index": np.array([r["index"] for r in records], dtype=np.int64),
-              "classes": np.array(classes),
-              "concepts": np.array(concept_names, dtype=str),
-              "methods": np.array([m.name for m in methods])}
-    files = {"maps": atomic_write(out / "maps.npz", lambda f: np.savez(f, **arrays)),
-             "manifest": atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")}
-    if panels:
-        files["index"] = atomic_write_text(out / "index.html", gallery_html(manifest))
-        files["panels"] = out / "panels"
-    return files
