@@ -276,3 +276,32 @@ def test_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert "--images must be >= 1" in capsys.readouterr().err
     assert main(["--photos", "9"]) == 2
     assert "--photos must be at most 4" in capsys.readouterr().err
+
+
+def test_forward_scores_do_not_depend_on_the_batch_size(model):
+    """Every image's Random Logit draws its own other class: scoring in batches of 2 equals one batch of 6 (a
+    generator reseeded per batch would give images 0, 2 and 4 the same draw), and so do the perturbation curves (ROAD's
+    imputation noise is drawn per call, so it is left out here)."""
+    from cdam_pl.evaluate.scoring import forward_scores
+    from cdam_pl.metrics.sanity import random_other_classes
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(6, 3, 64, 64, generator=g)
+    target = torch.tensor([0, 1, 2, 3, 4, 5])
+    maps = torch.rand(6, 4, 4, generator=g)
+    seen = []
+
+    def explain(backbone, head, x, t):
+        seen.append(t[:, 0].clone())
+        return torch.rand(x.shape[0], 1, 4, 4, generator=torch.Generator().manual_seed(int(t.sum())))
+
+    small, _ = forward_scores(model, images, target, maps, steps=4, seed=0, batch_size=2, explain=explain)
+    drawn_small = torch.cat(seen)
+    seen.clear()
+    whole, _ = forward_scores(model, images, target, maps, steps=4, seed=0, batch_size=6, explain=explain)
+    assert torch.equal(drawn_small, torch.cat(seen))
+    assert torch.equal(drawn_small, random_other_classes(target, len(model.classes), 0))
+    assert (drawn_small != target).all()
+    for metric in small:
+        if metric.startswith(("deletion", "insertion")):
+            np.testing.assert_allclose(small[metric], whole[metric], rtol=1e-4, atol=1e-5, err_msg=metric)

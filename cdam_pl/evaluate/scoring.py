@@ -117,10 +117,11 @@ def forward_scores(model, images: Tensor, target: Tensor, maps: Tensor, *, steps
         timed(f"road_{order}", lambda sl, order=order: {f"road_{order}": road_curves(
             bb, head, images[sl], target[sl], maps[sl].to(dev), order=order, fractions=ROAD_FRACTIONS,
             seed=seed).mean(1)})
-    num_classes = _num_classes(model, images)
-    # Random Logit as `random_logit` defines it, with the target's map already known: only the other class is explained
+    # Random Logit as `random_logit` defines it, with the target's map already known: only the other class is
+    # explained. The other classes are drawn once for all n images (not per batch, which would repeat one draw).
+    other = random_other_classes(target, _num_classes(model, images), seed)
     timed("random_logit", lambda sl: {"random_logit": ssim(maps[sl].to(dev), explain(
-        bb, head, images[sl], random_other_classes(target[sl], num_classes, seed)[:, None])[:, 0])})
+        bb, head, images[sl], other[sl, None])[:, 0])})
     return {k: np.concatenate(v) for k, v in out.items()}, seconds
 
 
