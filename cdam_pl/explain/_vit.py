@@ -88,6 +88,8 @@ class LastBlock:
 
     When the feature reads only the CLS token, the block runs for the CLS query alone (keys and values still come
     from every token): exact, since no other query row reaches the CLS output. Otherwise it runs for every query.
+    The forward is split where the CDAM engine needs it: `attend` (scores, softmax, weighted values) and
+    `after_attention` (the rest of the block, the final norm and the pooling, row by row).
     """
 
     def __init__(self, backbone: FrozenViT):
@@ -108,21 +110,123 @@ class LastBlock:
             w_q, w_k, w_v = self.attn.qkv.weight.chunk(3, dim=0)
             return F.linear(t[:, :1] if self.cls_only else t, w_q), F.linear(t, w_k), F.linear(t, w_v)
 
-    def _heads(self, x: Tensor) -> Tensor:  # [B, T, A] -> [B, heads, T, head_dim]
+    def heads(self, x: Tensor) -> Tensor:
+        """[B, T, A] -> [B, heads, T, head_dim]."""
         b, t, _ = x.shape
         return x.view(b, t, self.attn.num_heads, self.attn.head_dim).transpose(1, 2)
 
+    def _biases(self) -> tuple[Tensor | float, Tensor | float, Tensor | float]:
+        bias = self.attn.qkv.bias
+        return bias.chunk(3) if bias is not None else (0.0, 0.0, 0.0)
+
+    def _head_blocks(self, x: Tensor) -> Tensor:
+        """One vector per head [B, heads, dh] -> block-diagonal [B, A, heads]: column h holds head h's slice."""
+        h, dh = self.attn.num_heads, self.attn.head_dim
+        mask = torch.eye(h, device=x.device, dtype=x.dtype).repeat_interleave(dh, dim=0)  # [A, h]
+        return x.reshape(x.shape[0], h * dh, 1) * mask
+
+    def scores(self, q_lin: Tensor, k_lin: Tensor) -> Tensor:
+        """Attention scores before the softmax: [B, heads, Q, T] (biases, q_norm/k_norm and the scale applied).
+
+        For one query, one matrix product against the keys in their own [B, T, A] layout and the query's heads
+        laid out block-diagonally: the per-head product would first copy every key into per-head order."""
+        b_q, b_k, _ = self._biases()
+        q = self.attn.q_norm(self.heads(q_lin + b_q)) * self.attn.scale  # [B, h, Q, dh]
+        if q.shape[2] == 1:
+            b, t, a = k_lin.shape
+            k = self.attn.k_norm((k_lin + b_k).view(b, t, self.attn.num_heads, -1)).view(b, t, a)  # [B, T, A]
+            return (k @ self._head_blocks(q[:, :, 0])).transpose(1, 2)[:, :, None]  # [B, h, 1, T]
+        return q @ self.attn.k_norm(self.heads(k_lin + b_k)).transpose(-2, -1)
+
+    def attend(self, q_lin: Tensor, k_lin: Tensor, v_lin: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (attention output before `attn.norm` and `proj` [B, Q, A], probabilities [B, heads, Q, T])."""
+        _, _, b_v = self._biases()
+        probs = self.scores(q_lin, k_lin).softmax(dim=-1)  # [B, h, Q, T]
+        if probs.shape[2] == 1:  # every head's weights on every value, then each head's own block; sum(p) = 1
+            every = probs[:, :, 0] @ v_lin  # [B, h, A]
+            mask = self._head_blocks(torch.ones_like(every[:, :, :self.attn.head_dim]))  # [B, A, h]
+            return ((every * mask.transpose(1, 2)).sum(1) + b_v)[:, None], probs
+        out = probs @ self.heads(v_lin + b_v)  # [B, h, Q, dh]
+        return out.transpose(1, 2).reshape(q_lin.shape[0], q_lin.shape[1], self.attn.attn_dim), probs
+
+    def after_attention(self, z: Tensor, out: Tensor) -> Tensor:
+        """The rest of the block from the attention output [B, Q, A], then the final norm and the pooling -> [B, F].
+        Every operation acts on each query row alone (residual from z's first Q rows)."""
+        n_q = out.shape[1]
+        x = z[:, :n_q] + self.block.ls1(self.attn.proj(self.attn.norm(out)))  # [B, Q, D]
+        x = x + self.block.ls2(self.block.mlp(self.block.norm2(x)))
+        return self.pool(x)
+
     def forward(self, z: Tensor, q_lin: Tensor, k_lin: Tensor, v_lin: Tensor) -> tuple[Tensor, Tensor]:
         """-> (feature [B, F], CLS attention probabilities [B, heads, T])."""
-        attn = self.attn
-        bias = attn.qkv.bias
-        b_q, b_k, b_v = bias.chunk(3) if bias is not None else (0.0, 0.0, 0.0)
-        n_q = q_lin.shape[1]  # 1 (the CLS query) or T
-        q = attn.q_norm(self._heads(q_lin + b_q))  # [B, h, Q, dh]
-        k = attn.k_norm(self._heads(k_lin + b_k))  # [B, h, T, dh]
-        v = self._heads(v_lin + b_v)
-        probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, h, Q, T]
-        out = (probs @ v).transpose(1, 2).reshape(z.shape[0], n_q, attn.attn_dim)  # [B, Q, A]
-        x = z[:, :n_q] + self.block.ls1(attn.proj(attn.norm(out)))  # [B, Q, D]
-        x = x + self.block.ls2(self.block.mlp(self.block.norm2(x)))
-        return self.pool(x), probs[:, :, 0]
+        out, probs = self.attend(q_lin, k_lin, v_lin)
+        return self.after_attention(z, out), probs[:, :, 0]
+
+    def token_directions(self, probs: Tensor, out: Tensor, q_lin: Tensor, k_lin: Tensor, v_lin: Tensor) -> Tensor:
+        """d_i = da/d eps for every token i: the change of the CLS query's attention output a when T_i alone is
+        scaled by (1 + eps), token-major: [B, T, A]. probs [B, heads, T] and out [B, 1, A] from `attend`.
+
+        Per head h: d_hi = p_hi ((1 + c_hi) v^lin_hi - c_hi a^lin_h), with c from `key_sensitivity` and
+        a^lin_h = a_h - b_v (the value bias cancels, as the probabilities sum to 1)."""
+        b, t, a = v_lin.shape
+        h = probs.shape[1]
+        with torch.no_grad():
+            c = self.key_sensitivity(q_lin, k_lin).transpose(1, 2)[..., None]  # [B, T, h, 1]
+            a_lin = (out[:, 0] - self._biases()[2]).view(b, 1, h, -1)  # [B, 1, h, dh]
+            dirs = torch.addcmul(v_lin.view(b, t, h, -1) * (1 + c), a_lin, c, value=-1)  # [B, T, h, dh]
+            return dirs.mul_(probs.transpose(1, 2)[..., None]).view(b, t, a)
+
+    def cls_product(self, z: Tensor, out: Tensor, left: Tensor, dirs: Tensor) -> Tensor:
+        """left @ J @ dirs^T, J = d feature / d out [B, F, A]: the Jacobian of `after_attention` for the CLS token at
+        its attention output out [B, 1, A]. left [B, n, F], dirs [B, m, A] -> [B, n, m] (no graph kept).
+
+        By the cheapest of three ways, counted in one-token passes: n reverse passes (the one-token path runs
+        once per row of `left`, rows replicated, and one backward pulls them all back: 2 passes each); m forward
+        passes along the rows of `dirs` (J @ dirs^T); A forward passes along the unit vectors (J itself).
+        None uses a vmapped backward: LayerNorm and GELU backwards have no batching rule, it would loop."""
+        b, n, _ = left.shape
+        m, a = dirs.shape[1], dirs.shape[2]
+        if 2 * n <= min(m, a):
+            rows = out.detach()[:, None].expand(b, n, 1, a).reshape(b * n, 1, a).requires_grad_()
+            feature = self.after_attention(z[:, None, :1].expand(b, n, 1, z.shape[-1]).reshape(b * n, 1, -1),
+                                           rows.view_as(rows))  # a view: a leaf input upsets FlopCounterMode's hooks
+            pulled = torch.autograd.grad(feature, rows, left.reshape(b * n, -1))[0].view(b, n, a)  # left @ J
+            return pulled @ dirs.transpose(1, 2)
+        if m <= a:
+            tangents = dirs.transpose(0, 1)[:, :, None]  # [m, B, 1, A]
+        else:
+            tangents = torch.eye(a, device=out.device, dtype=out.dtype)[:, None, None].expand(a, b, 1, a)
+        with torch.no_grad():
+            cols = torch.func.vmap(
+                lambda t: torch.func.jvp(lambda o: self.after_attention(z, o), (out,), (t,))[1])(tangents)
+        pushed = cols.permute(1, 2, 0)  # [B, F, m] = J @ dirs^T, or [B, F, A] = J
+        return left @ (pushed if m <= a else pushed @ dirs.transpose(1, 2))
+
+    def token_jvps(self, z: Tensor, proj: tuple[Tensor, Tensor, Tensor], tokens: Tensor) -> Tensor:
+        """d feature / d eps when token i's own T_i is scaled by (1 + eps), i.e. along its bias-free q, k, v
+        projections, for each token i in `tokens` [m]: -> [B, F, m], one forward-mode pass each (every query row)."""
+        t = proj[1].shape[1]
+        masks = torch.zeros(len(tokens), t, device=z.device, dtype=z.dtype)
+        masks[torch.arange(len(tokens)), tokens] = 1
+
+        def along(mask: Tensor) -> Tensor:
+            tangents = tuple(x * mask[None, :, None] for x in proj)
+            return torch.func.jvp(lambda q, k, v: self.forward(z, q, k, v)[0], proj, tangents)[1]
+
+        with torch.no_grad():
+            return torch.func.vmap(along)(masks).permute(1, 2, 0)
+
+    def key_sensitivity(self, q_lin: Tensor, k_lin: Tensor) -> Tensor:
+        """c[b, h, i] = k_i . d s_hi / d k_i for the first query's scores s_h, k = k_lin (bias-free): [B, heads, T].
+
+        Score s_hi depends on the keys only through k_i's slice of head h, so this is the derivative of s along k_lin
+        itself: one forward-mode pass, exact with any k_norm; without one, s is affine in the keys and c is s of
+        the bias-free keys."""
+        with torch.no_grad():
+            q = q_lin[:, :1]
+            if isinstance(self.attn.k_norm, nn.Identity):
+                b_q, _, _ = self._biases()
+                q = self.attn.q_norm(self.heads(q + b_q))[:, :, 0] * self.attn.scale  # [B, h, dh]
+                return (k_lin @ self._head_blocks(q)).transpose(1, 2)
+            _, c = torch.func.jvp(lambda k: self.scores(q, k), (k_lin,), (k_lin,))
+        return c[:, :, 0]

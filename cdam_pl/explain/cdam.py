@@ -6,20 +6,28 @@ to the (gh, gw) grid.
 
 How it is computed, exactly and cheaply:
 - The blocks before the last run once without autograd; the result z is the last block's input.
-- When the head reads only the CLS token (pooling "cls"), the CLS token depends on the other tokens after the last
-  block only through the CLS query's attention row. So the last block is evaluated for the CLS query alone (keys
-  and values still come from every token); the output is the same embedding as the full block. A patch token T_i
-  then reaches f only through its key and value, k_i = W_k T_i + b_k and v_i = W_v T_i + b_v. For a linear map
-  T_i . (W^T g) = (W T_i) . g, so with k^lin_i = W_k T_i and v^lin_i = W_v T_i (no bias):
-      S_i = k^lin_i . df/dk^lin_i + v^lin_i . df/dv^lin_i
-  which is the definition, rearranged; the backward never multiplies by a D x D weight.
-- When the head reads pooled patch tokens ("avg", "cls+avg"), every token's output matters: the last block runs for
-  every query, and T_i also reaches f through its query: S_i = q^lin_i . df/dq^lin_i + k^lin_i . df/dk^lin_i +
-  v^lin_i . df/dv^lin_i. The definition is unchanged; only the shortcut no longer applies.
-- All K targets of a batch share one forward: their gradients come from one batched vector-Jacobian product
-  (`torch.autograd.grad(..., is_grads_batched=True)`), in memory-bounded chunks of targets; with every query row,
-  from one backward per target (faster there: see `_scores`).
-- Smooth and Integrated CDAM perturb z and re-run only the last block, batched over samples in chunks.
+- S_i is the derivative of f when T_i alone is scaled by (1 + eps). T_i reaches f only through its bias-free
+  projections q^lin_i = W_q T_i, k^lin_i, v^lin_i, which that scaling scales too, so S_i is also
+  k^lin_i . df/dk^lin_i + v^lin_i . df/dv^lin_i (+ q^lin_i . df/dq^lin_i when other query rows matter): the
+  definition rearranged, with no D x D projection weight in any backward.
+- S is linear in the target's gradient e = df/d(feature) [F]: S = e @ R, row f of R [F, T] the map of feature
+  coordinate f. e is a linear head's weight row, a dot concept's vector, and otherwise (MLP heads, cosine concepts)
+  the head's Jacobian at the image's feature, in reverse mode (K <= F) or forward mode (K > F).
+- Feature read from the CLS token alone (pooling "cls"): after the last block the CLS token depends on the other
+  tokens only through the CLS query's attention row, so the block runs for that query alone. With per head h the
+  probabilities p_hi, values v_hi = v^lin_hi + b_v and output a_h = sum_i p_hi v_hi, and
+  c_hi = k^lin_i . ds_hi/dk^lin_i (s_h the scores; one forward-mode pass, exact with any q_norm/k_norm), scaling
+  T_i moves a_h by
+      d_hi = da_h/d eps = p_hi ((1 + c_hi) v^lin_hi - c_hi a^lin_h),   a^lin_h = sum_j p_hj v^lin_hj
+  (the value bias cancels), and everything after a acts on one token: S = e @ J @ D per image, J = d feature/da
+  [F, A], D = [d_1 .. d_T] [A, T]. For K targets the engine multiplies in the cheapest order, counted in passes of
+  the one-token path: 2 K reverse passes (e @ J), T forward passes along D's columns (J @ D), or A forward passes
+  (J itself). 1,000 targets cost about T one-token passes: a few percent of the forward, plus a K x F x T product.
+- Feature read from every token (pooling "avg", "cls+avg"): the block runs for every query, and the fewest passes
+  through all of it win: one forward-mode pass per patch token (R directly), or one backward per cotangent (the K
+  gradients, or the F unit vectors when K > F).
+- Work is chunked over images (never over targets) to bound memory. Smooth and Integrated CDAM perturb z and
+  repeat the per-image work for every sample, batched over samples in chunks.
 """
 from __future__ import annotations
 
@@ -204,12 +212,9 @@ class CDAM:
         flat = z.reshape(b, -1)
         sigma = lam * (flat.max(1).values - flat.min(1).values)  # [B]: noise scale per image
         k_tot = (0 if idx is None else idx.shape[1]) + (0 if vectors is None else vectors.shape[0])
-        # Samples per chunk: bounded by the gradients (K * B * T * A * 2 per sample) and the activations; with every
-        # query row, also by the attention probabilities and MLP activations the backward keeps, and one target's
-        # gradients of them (_scores runs one backward per target there).
-        per_sample = b * t * max(d, self._last.attn.attn_dim) * (2 * k_tot + 8)
-        if not self._last.cls_only:
-            per_sample += 2 * b * t * (self._last.attn.attn_dim + self._last.attn.num_heads * t + self._last.hidden)
+        # Samples per chunk, bounded by what a chunk holds at once: the perturbed inputs and their projections, and
+        # the chunk's scores; `_scores` bounds the rest by chunking over the chunk's images.
+        per_sample = b * t * (2 * d + 3 * self._last.attn.attn_dim + k_tot)
         chunk = max(1, min(len(scales), self.max_elements // max(per_sample, 1)))
         total = None
         for start in range(0, len(scales), chunk):
@@ -229,46 +234,124 @@ class CDAM:
         return (total / len(scales))[..., self.backbone.num_prefix_tokens:]
 
     def _scores(self, z: Tensor, proj, idx: Tensor | None, vectors: Tensor | None, similarity: str) -> Tensor:
-        """Exact CDAM token scores for every token: [B, K+M, T] (see the module docstring for the identity)."""
-        q_lin, k_lin, v_lin = proj
-        k_lin = k_lin.detach().requires_grad_()
-        v_lin = v_lin.detach().requires_grad_()
-        full = not self._last.cls_only  # every query row reaches the feature: T_i also acts through its query
-        if full:
-            q_lin = q_lin.detach().requires_grad_()
-        emb, _ = self._last.forward(z, q_lin, k_lin, v_lin)
+        """Exact CDAM token scores for every token: [B, K+M, T], in chunks of images bounded by `max_elements`."""
+        b, t, _ = z.shape
+        k_tot = (0 if idx is None else idx.shape[1]) + (0 if vectors is None else vectors.shape[0])
+        chunk = max(1, min(b, self.max_elements // max(self._elements_per_image(t, k_tot), 1)))
+        if chunk >= b:
+            return self._chunk_scores(z, proj, idx, vectors, similarity)
+        parts = []
+        for start in range(0, b, chunk):
+            rows = slice(start, start + chunk)
+            parts.append(self._chunk_scores(z[rows], tuple(x[rows] for x in proj),
+                                            None if idx is None else idx[rows], vectors, similarity))
+        return torch.cat(parts)
+
+    def _elements_per_image(self, t: int, k_tot: int) -> int:
+        """Upper estimate of the float elements one image holds at once in `_chunk_scores` (sizes its chunks)."""
+        last, f = self._last, self.backbone.feature_dim
+        d, a, hidden, h = self.backbone.embed_dim, last.attn.attn_dim, last.hidden, last.attn.num_heads
+        # a head's forward-mode Jacobian holds F tangents of its widest layer
+        c = max((m.out_features for m in self.head.modules() if isinstance(m, nn.Linear)), default=f)
+        common = k_tot * (2 * f + 2 * t) + f * c + t * (2 * d + 3 * a)
+        if last.cls_only:  # at most min(T, A) forward passes (or 2 K reverse ones) of the one-token path
+            return common + min(t, a) * 2 * (d + hidden + a + f) + f * (t + a) + 4 * h * t
+        # the whole block's autograd graph and one cotangent's gradients of it, or the token_jvps of a chunk of
+        # tokens (chunked in _full_token_scores), and F x T scores
+        return common + 4 * t * (3 * a + h * t + 2 * hidden + 4 * d) + f * t
+
+    def _chunk_scores(self, z: Tensor, proj, idx: Tensor | None, vectors: Tensor | None, similarity: str) -> Tensor:
+        """Exact CDAM token scores of one chunk of images: [B, K+M, T] (the identities: module docstring)."""
+        last = self._last
+        if last.cls_only:
+            with torch.no_grad():
+                out, probs = last.attend(*proj)  # [B, 1, A], [B, h, 1, T]
+                feature = last.after_attention(z, out) if self._needs_feature(idx, vectors, similarity) else None
+            grads = self._target_gradients(feature, z, idx, vectors, similarity)  # [B, K+M, F]
+            return last.cls_product(z, out, grads, last.token_directions(probs[:, :, 0], out, *proj))
+        return self._full_token_scores(z, proj, idx, vectors, similarity)
+
+    def _needs_feature(self, idx: Tensor | None, vectors: Tensor | None, similarity: str) -> bool:
+        """Whether some target is nonlinear in the feature, so that its gradient needs the image's feature."""
+        return (idx is not None and type(self.head) is not nn.Linear) or (vectors is not None and similarity != "dot")
+
+    def _target_gradients(self, feature: Tensor | None, z: Tensor, idx: Tensor | None, vectors: Tensor | None,
+                          similarity: str) -> Tensor:
+        """Gradient of each target with respect to the feature, per image: [B, K+M, F]. The feature [B, F] is only
+        read (and may be None) where a target is nonlinear in it."""
         parts = []
         if idx is not None:
-            parts.append(self.head(emb).gather(1, idx))  # [B, K]
+            if type(self.head) is nn.Linear:  # a linear head's gradient for class k is its weight row k
+                parts.append(self.head.weight.detach()[idx])
+            else:
+                parts.append(_jacobian_rows(lambda e: self.head(e).gather(1, idx), feature, idx.shape[1]))
         if vectors is not None:
-            parts.append(concept_scores(emb, vectors, similarity))  # [B, M]
-        out = torch.cat(parts, dim=1)  # [B, K+M]
-        b, k = out.shape
-        if full:
-            # One backward per target: measured 20-30% faster on CPU than one vmapped backward of all targets, since
-            # the vmap has no batching rule for the block's elementwise backwards (GELU, LayerNorm, softmax), loops
-            # over the targets there anyway and then stacks the results; it also holds one target's gradients.
-            lin = (q_lin.detach(), k_lin.detach(), v_lin.detach())
-            scores = []
-            for j in range(k):
-                cotangent = torch.zeros_like(out)
-                cotangent[:, j] = 1
-                grads = torch.autograd.grad(out, (q_lin, k_lin, v_lin), cotangent, retain_graph=j + 1 < k)
-                scores.append(sum((g * x).sum(-1) for g, x in zip(grads, lin)))  # [B, T]
-            return torch.stack(scores, dim=1)  # [B, K+M, T]
-        t, a = k_lin.shape[1], k_lin.shape[2]
-        per_target = 2 * b * t * a  # elements one target's backward holds: the k and v projections' gradients
-        chunk = max(1, min(k, self.max_elements // per_target))
-        inputs = (k_lin, v_lin)
+            if similarity == "dot":  # linear in the feature: the gradient is the concept vector
+                parts.append(vectors.expand(z.shape[0], -1, -1))
+            else:
+                parts.append(_jacobian_rows(lambda e: concept_scores(e, vectors, similarity), feature,
+                                            vectors.shape[0]))
+        return torch.cat(parts, dim=1).to(z.dtype)
+
+    def _full_token_scores(self, z: Tensor, proj, idx: Tensor | None, vectors: Tensor | None,
+                           similarity: str) -> Tensor:
+        """Token scores when the feature reads every query row: [B, K+M, T]. By the fewest passes through the whole
+        last block: one forward-mode pass per patch token (the F x N matrix R of the feature coordinates' maps,
+        then S = e @ R), or one backward per cotangent (the K target gradients, or the F unit vectors when K > F).
+
+        One backward per cotangent: measured 20-30% faster on CPU than one vmapped backward of all of them, since
+        the vmap has no batching rule for the block's elementwise backwards (GELU, LayerNorm, softmax), loops over
+        the cotangents there anyway and then stacks the results; it also holds one cotangent's gradients."""
+        last, prefix, f = self._last, self.backbone.num_prefix_tokens, self.backbone.feature_dim
+        b, t, _ = z.shape
+        k = (0 if idx is None else idx.shape[1]) + (0 if vectors is None else vectors.shape[0])
+        if t - prefix < min(k, f):
+            with torch.no_grad():
+                feature = last.forward(z, *proj)[0] if self._needs_feature(idx, vectors, similarity) else None
+            grads = self._target_gradients(feature, z, idx, vectors, similarity)  # [B, K+M, F]
+            # tokens per chunk of forward passes: each holds about the block's activations
+            a, h = last.attn.attn_dim, last.attn.num_heads
+            per_token = 2 * b * t * (3 * a + h * t + 2 * last.hidden + 4 * self.backbone.embed_dim)
+            chunk = max(1, self.max_elements // per_token)
+            rows = torch.zeros(b, f, t, device=z.device, dtype=z.dtype)
+            for start in range(prefix, t, chunk):
+                tokens = torch.arange(start, min(start + chunk, t), device=z.device)
+                rows[:, :, tokens] = last.token_jvps(z, proj, tokens)
+            return grads @ rows
+        lin = tuple(x.detach().requires_grad_() for x in proj)
+        feature, _ = last.forward(z, *lin)
+        grads = self._target_gradients(feature.detach(), z, idx, vectors, similarity)
+        by_feature = k > f  # the F coordinates' maps, then each target's map as a combination of them
+        n = f if by_feature else k
         scores = []
-        for start in range(0, k, chunk):
-            n = min(chunk, k - start)
-            eye = torch.zeros(n, b, k, device=out.device, dtype=out.dtype)  # one-hot cotangent per target
-            eye[torch.arange(n), :, start + torch.arange(n)] = 1
-            grads = torch.autograd.grad(out, inputs, eye, retain_graph=start + n < k, is_grads_batched=True)
-            # [n, B, T, A] -> [n, B, T]
-            scores.append((grads[0] * k_lin.detach()).sum(-1) + (grads[1] * v_lin.detach()).sum(-1))
-        return torch.cat(scores).permute(1, 0, 2)  # [B, K+M, T]
+        for j in range(n):
+            if by_feature:
+                cot = torch.zeros_like(feature)
+                cot[:, j] = 1
+            else:
+                cot = grads[:, j]
+            g = torch.autograd.grad(feature, lin, cot, retain_graph=j + 1 < n)
+            scores.append(sum((gi * x).sum(-1) for gi, x in zip(g, proj)))  # [B, T]
+        rows = torch.stack(scores, dim=1)  # [B, n, T]
+        return grads @ rows if by_feature else rows
+
+
+def _jacobian_rows(fn: Callable[[Tensor], Tensor], x: Tensor, n: int) -> Tensor:
+    """Per-row Jacobian of fn: [B, F] -> [B, n] (row b of the output depends on row b of x alone) -> [B, n, F].
+
+    Reverse mode (n one-hot cotangents) when n <= F, else forward mode (F unit tangents): the cheaper of the two.
+    """
+    b, f = x.shape
+    if n <= f:
+        x = x.detach().requires_grad_()
+        y = fn(x.view_as(x))  # a view: a leaf input upsets FlopCounterMode's module hooks
+        eye = torch.eye(n, device=x.device, dtype=y.dtype)[:, None].expand(n, b, n)
+        return torch.autograd.grad(y, x, eye, is_grads_batched=True)[0].permute(1, 0, 2)
+    x = x.detach()
+    eye = torch.eye(f, device=x.device, dtype=x.dtype)[:, None].expand(f, b, f)
+    with torch.no_grad():
+        cols = torch.func.vmap(lambda tangent: torch.func.jvp(fn, (x,), (tangent,))[1])(eye)  # [F, B, n]
+    return cols.permute(1, 2, 0)
 
 
 def concept_vectors(
