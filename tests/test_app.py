@@ -230,18 +230,24 @@ def test_cache_keeps_the_most_recent_images_only(model):
     assert e.value.status == 404
 
 
-def test_classes_beyond_the_eager_set_are_computed_on_click_then_cached(model):
-    engine = DemoEngine(model, eager_classes=3)
+def test_every_class_of_a_1000_class_head_is_explained_in_the_first_pass(model):
+    """No cap: one pass computes all 1,000 classes' maps (each equal to the literal definition); clicking any class
+    then computes nothing."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(model.backbone.feature_dim, 1000).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(1000, model.backbone.feature_dim, generator=g))
+    big = dataclasses.replace(model, head=head, classes=[f"class {i}" for i in range(1000)])
+    engine = DemoEngine(big)
     img = digit(4)
     s = engine.add_image(img, "four")
-    img_entry = engine._image(s["id"])
-    computed = sorted(int(t[1:]) for v, t in img_entry.maps)
-    assert computed == sorted(c["index"] for c in s["top"][:3])  # the top 3 by logit
-    last = next(c for c in range(10) if c not in computed)
-    x = model_input(model, img)
-    assert np.allclose(engine.map(s["id"], f"c{last}"), oracle(model, x, last), atol=ATOL)
-    engine.map(s["id"], f"c{last}")
-    assert engine.explain_calls == 2
+    assert s["classes_explained"] == 1000 and s["seconds"] > 0
+    x = model_input(big, img)
+    for c in (0, 417, 999, s["top"][0]["index"]):
+        assert np.allclose(engine.map(s["id"], f"c{c}"), oracle(big, x, c), atol=ATOL)
+    assert engine.explain_calls == 1
 
 
 def test_smooth_and_integrated_maps_are_the_engines_seeded_variants(engine, model):

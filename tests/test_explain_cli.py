@@ -229,6 +229,35 @@ def test_img_size_and_named_targets(tiny_checkpoint, model, tmp_path, capsys):
         close(e.maps["cdam"], ref[b])
 
 
+def test_targets_all_stores_every_class_and_panels_draw_the_top_ones(tiny_checkpoint, model, tmp_path, capsys,
+                                                                      monkeypatch):
+    """--targets all: every class's map, in the head's order, equal to the engine's; a panel draws only the
+    PANEL_TARGETS highest logits, highest first, and says so in its title."""
+    from cdam_pl.report import outputs
+
+    drawn = []
+    monkeypatch.setattr(outputs, "PANEL_TARGETS", 3)
+    monkeypatch.setattr(outputs.PanelWriter, "submit",
+                        lambda self, image, rows, suptitle, path: drawn.append((rows, suptitle)))
+    files = make_images(tmp_path / "imgs")
+    chosen = [files["rgb"], files["gray"]]
+    rc, _, err = run([tiny_checkpoint, *chosen, "--targets", "all", "--out", tmp_path / "o"], capsys)
+    assert rc == 0, err
+    ex = load_explanations(tmp_path / "o")
+    c = len(model.classes)
+    x = inputs(model, sorted(chosen))
+    ref = CDAM(model.backbone, model.head).explain(x, targets=list(range(c)))
+    for b, e in enumerate(ex.values()):
+        assert list(e.targets) == list(range(c)) and e.maps["cdam"].shape[0] == c
+        close(e.maps["cdam"], ref.class_maps[b])
+        rows, title = drawn[b]
+        top = ref.logits[b].argsort(descending=True)[:3]
+        assert [t.split("\n")[0] for t in rows[0][2]] == [model.classes[int(k)] for k in top]
+        for grid, k in zip(rows[0][1], top):
+            close(grid, ref.class_maps[b, int(k)])
+        assert f"the top 3 of its {c} targets drawn" in title
+
+
 def test_smooth_and_integrated_match_library(tiny_checkpoint, model, tmp_path, capsys):
     files = make_images(tmp_path / "imgs")
     chosen = [files["rgb"], files["gray"], files["deep16"]]
@@ -325,6 +354,8 @@ def test_parse_targets():
     assert report.parse_targets("top2", classes).indices == (2,)  # a class of that name wins over top-n
     assert report.parse_targets("top3", classes).top == 3
     assert report.parse_targets("pred", classes).top == 1
+    assert report.parse_targets("ALL", classes).indices == (0, 1, 2)
+    assert report.parse_targets("all", ["all", "none"]).indices == (0,)  # a class of that name wins over `all`
     logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 1.0, 2.0]])
     assert report.parse_targets("top3", classes)(logits).tolist() == [[1, 2, 0], [0, 2, 1]]
     assert report.parse_targets("dog", classes)(logits).tolist() == [[1], [1]]

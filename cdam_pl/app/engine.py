@@ -2,9 +2,10 @@
 shows.
 
 Cost model (`DemoEngine`): an upload runs ONE `CDAM.explain` pass that yields the logits, the attention map and the
-vanilla CDAM of every class (or of the top `eager_classes` when the head has more), all kept per image in a bounded
-LRU keyed by the hash of the decoded pixels. Clicking a class then only renders an overlay from the cache. A class
-outside the eager set, a concept, or a Smooth/Integrated map is computed on first request, for that target only
+vanilla CDAM of every class of the head (1,000 classes cost about one plain forward: the engine takes all targets
+from one product per image), all kept per image in a bounded LRU keyed by the hash of the decoded pixels. Clicking a
+class then only renders an overlay from the cache. A concept added later, or a Smooth/Integrated map, is computed on
+first request, for that target only
 (Smooth and Integrated cost about n_samples times a vanilla map per target, so doing every class up front would make
 the first click wait for all of them), and cached the same way. Uploads live in memory only; nothing is written to
 disk. User mistakes raise a `CdamError` with a one-line message: `NotFoundError` for an image, example or concept
@@ -136,7 +137,7 @@ class DemoEngine:
     Targets are strings: "c<k>" for class k, "k<id>" for a concept. Maps are signed CDAM grids [gh, gw].
     """
 
-    def __init__(self, model, *, examples: Sequence[Example] = (), cache_size: int = 32, eager_classes: int = 100,
+    def __init__(self, model, *, examples: Sequence[Example] = (), cache_size: int = 32,
                  n_samples: int = 50, n_steps: int = 50, noise: float | None = None, seed: int = 0,
                  max_upload_bytes: int = 20 * 2**20, max_pixels: int | None = None, max_concepts: int = 16,
                  display_size: int = 320, device: str | torch.device = "cpu"):
@@ -147,7 +148,6 @@ class DemoEngine:
         self.img_size = tuple(self.backbone.img_size)
         self.transform = build_transform(self.img_size, **self.backbone.data_config)
         self.cache_size, self.max_concepts = max(1, int(cache_size)), max(1, int(max_concepts))
-        self.eager_classes = max(1, int(eager_classes))
         self.n_samples, self.n_steps, self.noise, self.seed = int(n_samples), int(n_steps), noise, int(seed)
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_pixels = max_pixels
@@ -186,7 +186,7 @@ class DemoEngine:
         return self.add_image(ex.image, ex.name)
 
     def add_image(self, image: Image.Image, name: str) -> dict[str, Any]:
-        """RGB image -> summary; one CDAM pass gives logits, attention and the eager classes' vanilla maps."""
+        """RGB image -> summary; one CDAM pass gives logits, attention and every class's vanilla map."""
         key = hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()[:16]
         with self._state:
             if key in self._images:
@@ -194,14 +194,12 @@ class DemoEngine:
                 self._images[key].name = name  # same pixels, maybe another file name: show the latest
                 return self.summary(key, cached=True)
         x = self.transform(image).unsqueeze(0).to(self.device)  # [1, 3, H, W]
-        k = min(len(self.classes), self.eager_classes)
         with self._compute:
             with self._state:
                 concepts = list(self._concepts.values())
             vectors = torch.stack([c.vector for c in concepts]) if concepts else None
             t0 = time.perf_counter()
-            ex = self.cdam.explain(x, targets=lambda logits: logits.topk(k, dim=1).indices, concepts=vectors,
-                                   attention=True)
+            ex = self.cdam.explain(x, targets=list(range(len(self.classes))), concepts=vectors, attention=True)
             self.explain_calls += 1
             seconds = time.perf_counter() - t0
         logits = ex.logits[0].float().cpu()
@@ -224,6 +222,7 @@ class DemoEngine:
         gh, gw = img.attention.shape[1:]
         return {
             "id": img.id, "name": img.name, "cached": cached, "seconds": round(img.seconds, 4),
+            "classes_explained": sum(v == "vanilla" and t[0] == "c" for v, t in img.maps),  # in that first pass
             "input_size": list(img.x.shape[2:]), "grid": [int(gh), int(gw)],
             "top": [{"target": f"c{c}", "index": int(c), "name": self.classes[c], "prob": float(img.probs[c]),
                      "logit": float(img.logits[c])} for c in top],

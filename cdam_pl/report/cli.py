@@ -9,6 +9,7 @@ from cdam_pl.cli import run_cli
 from cdam_pl.errors import CdamError, ConfigError
 from cdam_pl.explain.cdam import SIMILARITIES
 from cdam_pl.explain.registry import METHODS
+from cdam_pl.report.outputs import PANEL_TARGETS
 from cdam_pl.report.run import ExplainOptions, explain_to_dir
 from cdam_pl.store.shards import DEFAULT_SHARD_SIZE, MAP_DTYPES, MAPS_LAYOUT, MAX_SHARD_SIZE
 
@@ -69,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, metavar="N", help="port of the web demo (with --serve)")
     p.add_argument("--targets", default=None, metavar="SPEC",
                    help="what to explain: topN (the N highest logits; default top3, or every class of a head with "
-                        "fewer), pred (the predicted "
-                        "class), or class names separated by commas (case-insensitive), e.g. cat,dog")
+                        "fewer), pred (the predicted class), all (every class of the head, in its order: about one "
+                        "plain forward even for 1,000 classes; panels draw the top "
+                        f"{PANEL_TARGETS}), or class names separated by commas (case-insensitive), e.g. cat,dog")
     p.add_argument("--concept", action="append", default=[], metavar="NAME=DIR",
                    help="a concept given by a folder of example images (its vector is their mean embedding); "
                         "shown as extra maps of the methods that explain concepts. Repeat for several concepts")

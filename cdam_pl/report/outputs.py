@@ -28,6 +28,9 @@ from cdam_pl.report.inputs import Item
 from cdam_pl.viz.figures import panel
 from cdam_pl.viz.maps import DISPLAY_Q, save_png, to_uint8_image
 
+# Most targets a panel draws (the highest logits among them); maps/ and the manifest keep every target.
+PANEL_TARGETS = 10
+
 
 def safe_stem(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("._")[:60] or "image"
@@ -153,6 +156,9 @@ class Results:
         if scores is not None:
             self.arrays[f"{i}/concept_scores"] = scores.astype(np.float32)
 
+        # a panel draws at most PANEL_TARGETS targets: the highest logits among them, highest first (maps/ keeps all)
+        drawn = (list(range(len(targets))) if len(targets) <= PANEL_TARGETS
+                 else np.argsort(-logits[idx], kind="stable")[:PANEL_TARGETS].tolist())
         rows, map_info = [], {}
         for m in self.methods:
             grid = np.ascontiguousarray(maps[m.name], dtype=np.float32)  # [R, h, w]
@@ -161,9 +167,9 @@ class Results:
                 rows.append((m.name, list(grid), ["class-agnostic"]))
             else:
                 labels = [f"class:{t['class']}" for t in targets]
-                rows.append((m.name, list(grid[:len(targets)]),
-                             [f"{t['class']}\nlogit {fmt_number(t['logit'])}, p {t['probability']:.2f}"
-                              for t in targets]))
+                rows.append((m.name, [grid[j] for j in drawn],
+                             [f"{targets[j]['class']}\nlogit {fmt_number(targets[j]['logit'])}, "
+                              f"p {targets[j]['probability']:.2f}" for j in drawn]))
                 if m.takes_concepts and concepts:  # own row and colour range: similarities have another scale
                     labels += [f"concept:{c['name']}" for c in concepts]
                     rows.append((f"{m.name}: concepts", list(grid[len(targets):]),
@@ -177,8 +183,10 @@ class Results:
         if self.panels is not None:
             rel = f"panels/{i:0{self.width}d}_{safe_stem(it.path)}.png"
             picture = to_display(image, self.dc)  # what the model saw, [H, W, 3] uint8
+            shown = "" if len(drawn) == len(targets) else (f"; the top {len(drawn)} of its {len(targets)} targets "
+                                                            "drawn, every map in maps/")
             self.panels.submit(picture, rows, f"{path_text(it.path.name)}: predicted {classes[pred]} "
-                                              f"(p {probs[pred]:.2f})",
+                                              f"(p {probs[pred]:.2f}){shown}",
                                self.out / rel)
         self.records.append({
             "index": i, "path": path_text(it.path), "name": path_text(it.path.name), "panel": rel,

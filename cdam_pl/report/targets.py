@@ -1,4 +1,4 @@
-"""Which classes explain.py explains: `--targets topN`, `pred` or class names, resolved against the head."""
+"""Which classes explain.py explains: `--targets topN`, `pred`, `all` or class names, resolved against the head."""
 from __future__ import annotations
 
 import difflib
@@ -38,7 +38,8 @@ def default_targets(classes: Sequence[str]) -> str:
 
 
 def parse_targets(spec: str, classes: Sequence[str]) -> TargetSpec:
-    """`topN`, `pred` or comma-separated class names (case-insensitive; exact spelling wins over case-folding)."""
+    """`topN`, `pred`, `all` (every class, in the head's order) or comma-separated class names (case-insensitive;
+    exact spelling wins over case-folding, and a class literally named `pred` or `all` wins over the keyword)."""
     text = spec.strip()
     exact = {c: i for i, c in enumerate(classes)}
     folded: dict[str, int] = {}
@@ -47,6 +48,8 @@ def parse_targets(spec: str, classes: Sequence[str]) -> TargetSpec:
     m = re.fullmatch(r"top(\d+)", text.lower())
     if text.lower() == "pred" and text not in exact:
         return TargetSpec(text, top=1)
+    if text.lower() == "all" and text not in exact and text.casefold() not in folded:
+        return TargetSpec(text, indices=tuple(range(len(classes))))
     if m and text not in exact and text.casefold() not in folded:
         n = int(m.group(1))
         if not 1 <= n <= len(classes):
@@ -54,7 +57,7 @@ def parse_targets(spec: str, classes: Sequence[str]) -> TargetSpec:
         return TargetSpec(text, top=n)
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise ConfigError("--targets is empty; use top3, pred or class names separated by commas")
+        raise ConfigError("--targets is empty; use top3, pred, all or class names separated by commas")
     idx = []
     for name in names:
         i = exact.get(name, folded.get(name.casefold()))

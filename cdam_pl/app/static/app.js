@@ -123,7 +123,9 @@ async function setImage(summary) {
     list.append(el("li", {}, b));
   }
   $("class-select").disabled = false;
-  const took = summary.cached ? "from the cache" : `explained in ${(1000 * summary.seconds).toFixed(0)} ms`;
+  const every = summary.classes_explained === 1 ? "its class" : `all ${summary.classes_explained} classes`;
+  const took = summary.cached ? `from the cache (${every})`
+    : `${every} explained in ${(1000 * summary.seconds).toFixed(0)} ms`;
   setStatus(`${summary.name}: ${took}`);
   await loadImg($("input-img"), `/api/input.png?image=${summary.id}`).catch((e) => showMessage(e.message));
   if (summary.top.length) await show(summary.top[0].target);
