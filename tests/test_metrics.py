@@ -501,15 +501,21 @@ def test_random_logit_compares_the_target_map_with_another_class():
     head = nn.Linear(bb.embed_dim, 4).double()
     cdam = CDAM(bb, head)
 
-    def explain(images, targets):
-        return cdam.class_maps(images, targets[:, None])[:, 0]
+    calls = []
+
+    def explain(images, targets):  # both classes of each image in one call
+        calls.append(targets.shape)
+        return cdam.class_maps(images, targets)
 
     images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     targets = torch.tensor([0, 3, 1])
     got = random_logit(explain, images, targets, 4, seed=2)
+    assert calls == [(3, 2)]
     other = random_other_classes(targets, 4, seed=2)
-    ref = ssim(explain(images, targets), explain(images, other))
+    ref = ssim(cdam.class_maps(images, targets[:, None])[:, 0], cdam.class_maps(images, other[:, None])[:, 0])
     torch.testing.assert_close(got, ref)
+    with pytest.raises(CdamError, match=r"explain must return maps \[B=3, 2, gh, gw\].*got \(3, 4, 4\)$"):
+        random_logit(lambda x, t: cdam.class_maps(x, t[:, :1])[:, 0], images, targets, 4)
     metric = RandomLogit(num_classes=4, seed=2)
     metric.update(explain, images, targets)
     assert metric.compute().item() == pytest.approx(ref.mean().item(), rel=1e-6)

@@ -176,18 +176,18 @@ def random_logit(explain: Callable[[Tensor, Tensor], Tensor], images: Tensor, ta
     """Random-logit test (Sixt et al. 2020): SSIM between the map of the target and the map of a random other class
     (`random_other_classes`, seeded) of the same image: -> [B]; lower = more class-sensitive.
 
-    explain(images [B, 3, H, W], targets [B]) -> maps [B, gh, gw]; it is called once, on the images twice over
-    (targets, then the other classes)."""
+    explain(images [B, 3, H, W], targets [B, 2]) -> maps [B, 2, gh, gw], the registry's method signature: it is
+    called once, with each image's target and other class as its two targets, so an explainer that takes many
+    targets from one pass (CDAM) runs the images once rather than twice."""
     t = targets.reshape(-1).to(images.device)
-    if t.shape[0] != images.shape[0]:
-        raise CdamError(f"targets must be [B={images.shape[0]}] class indices, got {tuple(targets.shape)}")
-    other = random_other_classes(t, num_classes, seed)
-    maps = explain(torch.cat([images, images]), torch.cat([t, other]))  # [2B, gh, gw]
     b = images.shape[0]
-    if not isinstance(maps, Tensor) or maps.ndim != 3 or maps.shape[0] != 2 * b:
-        raise CdamError(f"explain must return maps [B, gh, gw] for B images, got "
+    if t.shape[0] != b:
+        raise CdamError(f"targets must be [B={b}] class indices, got {tuple(targets.shape)}")
+    maps = explain(images, torch.stack([t, random_other_classes(t, num_classes, seed)], 1))  # [B, 2, gh, gw]
+    if not isinstance(maps, Tensor) or maps.ndim != 4 or tuple(maps.shape[:2]) != (b, 2):
+        raise CdamError(f"explain must return maps [B={b}, 2, gh, gw] (the target's, then the other class's), got "
                         f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}")
-    return ssim(maps[:b], maps[b:])
+    return ssim(maps[:, 0], maps[:, 1])
 
 
 class ModelRandomisation(MeanMetricBase):
@@ -209,7 +209,7 @@ class ModelRandomisation(MeanMetricBase):
 
 class RandomLogit(MeanMetricBase):
     """Mean random-logit SSIM (Sixt et al. 2020): update(explain, images [B, 3, H, W], targets [B]) as
-    `random_logit`. Lower = more class-sensitive."""
+    `random_logit` (explain: images, targets [B, 2] -> maps [B, 2, gh, gw]). Lower = more class-sensitive."""
 
     higher_is_better = False
 
