@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import Row, cpu_threads, main as bench_main, random_vit  # noqa: E402
 from cdam_pl.train.callbacks import ExplanationCallback  # noqa: E402
+from cdam_pl.train.explained import Explained  # noqa: E402
 from cdam_pl.explain import CDAM  # noqa: E402
 from cdam_pl.metrics import num_deleted, random_tokens  # noqa: E402
 
@@ -71,14 +72,16 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
     images = torch.randn(N_IMAGES, 3, 224, 224, generator=g)
     labels = list(range(N_IMAGES))
     train = _Images([(torch.randn(3, 224, 224, generator=g), c) for c in range(N_IMAGES) for _ in range(2)])
-    cb = ExplanationCallback(images, labels, [f"class {c}" for c in range(N_CLASSES)], top_k=TOP_K,
-                             concepts={"stripes": torch.randn(2, 3, 224, 224, generator=g)}, class_mean_data=train)
+    cb = ExplanationCallback(images=images, labels=labels, classes=[f"class {c}" for c in range(N_CLASSES)],
+                             top_k=TOP_K, concepts={"stripes": torch.randn(2, 3, 224, 224, generator=g)}, class_mean_data=train)
     module = SimpleNamespace(backbone=backbone, head=head)
+    model = Explained(backbone, head, trains_backbone=False)  # what the callback finds in a LightningModule
     log_dir = tempfile.mkdtemp(prefix="callback_cost_")
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    trainer = SimpleNamespace(loggers=[TensorBoardLogger(log_dir, name="bench")], train_dataloader=None)
-    cb._prepare(trainer, module)
+    trainer = SimpleNamespace(loggers=[TensorBoardLogger(log_dir, name="bench")], train_dataloader=None,
+                              default_root_dir=log_dir)
+    cb._prepare(trainer, backbone)
     vectors = cb._vectors
     x = images.to(device)
     y = torch.tensor(labels, device=device)
@@ -112,7 +115,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
         explain("step0", {})
 
     def with_pictures():
-        cb._log(trainer, module, step=1)
+        cb._log(trainer, module, step=1, model=model)
 
     cb.explain(backbone, head)  # the random-deletion embeddings are cached from here on
     fns = {"plain": plain, "maps": maps_only, "steady": lambda: cb.explain(backbone, head), "worst": worst,
