@@ -7,6 +7,7 @@ Setting: ViT-S/16 at 224 px (random weights: speed does not depend on their valu
 classes (9 concept maps), attention map, token-deletion scores with 4 random sets. Baseline, timed in the same
 process and in turns with the rest: a plain no-grad forward (backbone + head) of the 8 images. On the CPU the main
 figures are best-of process CPU time (robust on a shared machine), wall-clock rows follow; on a GPU, wall time.
+--quick: the same at 112 px (49 tokens), 3 rounds instead of 7.
 
 Rows:
 - maps only: the one `CDAM.explain` call (every map of every tracked image from one forward).
@@ -66,14 +67,15 @@ def interleaved(fns: dict, repeat: int, device: str = "cpu") -> tuple[dict, dict
 
 def run(quick: bool = False, device: str = "cpu") -> list[Row]:
     cpu_threads(device)
-    backbone = random_vit("vit_small_patch16_224", 224, device)
+    size = 112 if quick else 224
+    backbone = random_vit("vit_small_patch16_224", size, device)
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(backbone.embed_dim, N_CLASSES).to(device).eval()
-    images = torch.randn(N_IMAGES, 3, 224, 224, generator=g)
+    images = torch.randn(N_IMAGES, 3, size, size, generator=g)
     labels = list(range(N_IMAGES))
-    train = _Images([(torch.randn(3, 224, 224, generator=g), c) for c in range(N_IMAGES) for _ in range(2)])
+    train = _Images([(torch.randn(3, size, size, generator=g), c) for c in range(N_IMAGES) for _ in range(2)])
     cb = ExplanationCallback(images=images, labels=labels, classes=[f"class {c}" for c in range(N_CLASSES)],
-                             top_k=TOP_K, concepts={"stripes": torch.randn(2, 3, 224, 224, generator=g)}, class_mean_data=train)
+                             top_k=TOP_K, concepts={"stripes": torch.randn(2, 3, size, size, generator=g)}, class_mean_data=train)
     module = SimpleNamespace(backbone=backbone, head=head)
     model = Explained(backbone, head, trains_backbone=False)  # what the callback finds in a LightningModule
     log_dir = tempfile.mkdtemp(prefix="callback_cost_")
@@ -95,7 +97,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
             x, targets=lambda logits: torch.cat([y[:, None], logits.topk(TOP_K, dim=1).indices], 1),
             concepts=vectors, attention=True)
 
-    gh, gw = backbone.grid_size(224, 224)
+    gh, gw = backbone.grid_size(size, size)
     random_sets = random_tokens(N_IMAGES, gh * gw, num_deleted(gh * gw, cb.deletion_fraction), cb.n_random,
                                 torch.Generator().manual_seed(cb.seed))  # the callback's (seeded) random sets
     random_keys = {(i, s.numpy().tobytes()) for i in range(N_IMAGES) for s in random_sets[i]}

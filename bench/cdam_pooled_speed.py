@@ -4,8 +4,8 @@
 
 A pooled feature reads every token after the last block, so the engine runs the last block for every query (not
 the CLS query alone, as for a CLS head) and backpropagates through all of it. Baseline, timed in the same process:
-a plain no-grad forward of backbone + head; every call is timed in turns with the others (best of 7 rounds, 3 with
---quick). Random weights: speed does not depend on their values.
+a plain no-grad forward of backbone + head; every call is timed in turns with the others (best of 7 rounds; --quick:
+3 rounds at 112 px). Random weights: speed does not depend on their values.
 
 Beside each measured ratio stands a floor, the plainest exact computation: one plain forward, one forward of the
 last block with autograd from T = norm1(z), and K backwards through the last block for activation gradients only
@@ -67,13 +67,14 @@ def interleaved(fns: dict[str, Callable[[], object]], repeat: int, device: str) 
 def run(quick: bool = False, device: str = "cpu") -> list[Row]:
     cpu_threads(device)
     batch = 8 if device == "cpu" else 64
-    images = torch.randn(batch, 3, 224, 224, device=device)
+    size = 112 if quick else 224
+    images = torch.randn(batch, 3, size, size, device=device)
     rep = 3 if quick else 7
     b = "cdam_pooled_speed"
     fwd = f"plain forward, batch {batch}"
     rows = []
     for pool in POOLS:
-        backbone = random_vit("vit_small_patch16_224", 224, device, pool=pool)
+        backbone = random_vit("vit_small_patch16_224", size, device, pool=pool)
         head = torch.nn.Linear(backbone.feature_dim, 1000).to(device).eval().requires_grad_(False)
         cdam = CDAM(backbone, head)
 

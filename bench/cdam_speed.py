@@ -4,7 +4,7 @@
 
 Baselines, timed in the same process: a plain no-grad forward of backbone + head, and the reference-notebook
 approach (full backward to the input, one target per backward; `cdam_pl.explain.reference.naive_cdam`).
-Random weights: speed does not depend on their values.
+Random weights: speed does not depend on their values. --quick: 112 px, fewer repeats and reference passes.
 """
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ from cdam_pl.explain.reference import naive_cdam  # noqa: E402
 
 def run(quick: bool = False, device: str = "cpu") -> list[Row]:
     cpu_threads(device)
-    backbone = random_vit("vit_small_patch16_224", 224, device)
+    size = 112 if quick else 224
+    backbone = random_vit("vit_small_patch16_224", size, device)
     head = torch.nn.Linear(backbone.embed_dim, 1000).to(device).eval()
     batch = 8 if device == "cpu" else 64
-    images = torch.randn(batch, 3, 224, 224, device=device)
+    images = torch.randn(batch, 3, size, size, device=device)
     cdam = CDAM(backbone, head)
     rep = 2 if quick else 5
     t = lambda fn, r=rep: timeit(fn, repeat=r, device=device)  # noqa: E731
