@@ -18,25 +18,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Row, cpu_threads, main, random_vit, timeit  # noqa: E402
+from bench.common import Row, cpu_threads, flops, main, random_vit, timed_rounds  # noqa: E402
 from cdam_pl.backbone import FrozenViT  # noqa: E402
 from cdam_pl.explain import CDAM  # noqa: E402
 
 POOLS = ("avg", "cls+avg")
 GOALS = {1: "<= 1.3x", 10: "<= 2.3x"}  # ratio to the plain forward, by number of targets
-
-
-def flops(fn: Callable[[], object]) -> int:
-    """Floating-point operations of one call of fn (matmuls, convolutions, attention), forward and backward."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def floor_pass(backbone: FrozenViT, head: torch.nn.Module, images: torch.Tensor, k: int) -> None:
@@ -52,16 +43,6 @@ def floor_pass(backbone: FrozenViT, head: torch.nn.Module, images: torch.Tensor,
     logits = head(backbone.pool(x))
     for c in range(k):
         torch.autograd.grad(logits[:, c].sum(), t, retain_graph=c + 1 < k)
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeat: int, device: str) -> dict[str, float]:
-    """Best-of-`repeat` time of each function, timed in turns (one call of each per round), so that a busy spell on
-    a shared machine slows a round of every function rather than all calls of one."""
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            best[name] = min(best[name], timeit(fn, repeat=1, warmup=0, device=device))
-    return best
 
 
 def run(quick: bool = False, device: str = "cpu") -> list[Row]:
@@ -87,7 +68,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
             fns[f"cdam{k}"] = lambda k=k: cdam.class_maps(images, list(range(k)))
             fns[f"floor{k}"] = lambda k=k: floor_pass(backbone, head, images, k)
         n_flops = {name: flops(fn) for name, fn in fns.items()}  # also the warm-up call of each
-        times = interleaved(fns, rep, device)
+        times = {name: min(ts) for name, ts in timed_rounds(fns, rep, device).items()}  # best of the rounds
         base = times["plain"]
         for k, goal in GOALS.items():
             ratio_f, floor_f = n_flops[f"cdam{k}"] / n_flops["plain"], n_flops[f"floor{k}"] / n_flops["plain"]

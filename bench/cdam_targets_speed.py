@@ -24,15 +24,13 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Row, cpu_threads, main, random_vit  # noqa: E402
+from bench.common import Row, cpu_threads, flops, main, random_vit, timed_rounds  # noqa: E402
 from cdam_pl.explain import CDAM  # noqa: E402
 from cdam_pl.heads import build_head  # noqa: E402
 
@@ -40,27 +38,6 @@ CLASSES = 1000
 GOALS = {1: "<= 1.05x (before: 0.94x)", 10: "<= 1.1x (before: 1.05x)", 100: "<= 1.15x (before: 2.0-2.3x)",
          1000: "<= 1.5x (before: 14-19x)"}  # linear head on the CLS token, ratio to the plain forward
 MLP_GOAL = "<= 2x"  # MLP head, 1,000 targets
-
-
-def flops(fn: Callable[[], object]) -> int:
-    """Floating-point operations of one call of fn."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def median_rounds(fns: dict[str, Callable[[], object]], rounds: int, device: str) -> dict[str, float]:
-    """Median wall time of each function over `rounds` rounds, one call of each per round."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def group(b: str, title: str, backbone, head, images, calls: dict[str, tuple[Callable[[], object], str]],
@@ -73,7 +50,7 @@ def group(b: str, title: str, backbone, head, images, calls: dict[str, tuple[Cal
     fns = {"plain": plain, **{name: fn for name, (fn, _) in calls.items()}}
     n_flops = {name: flops(fn) for name, fn in fns.items()}  # also the warm-up call of each
     load0 = os.getloadavg()[0]
-    times = median_rounds(fns, rounds, device)
+    times = {name: statistics.median(ts) for name, ts in timed_rounds(fns, rounds, device).items()}
     load1 = os.getloadavg()[0]
     base = times["plain"]
     baseline = (f"plain forward, batch {images.shape[0]} (median of {rounds} rounds; load average "

@@ -68,6 +68,26 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, device: s
     return best
 
 
+def timed_rounds(fns: dict[str, Callable[[], object]], repeat: int, device: str = "cpu") -> dict[str, list[float]]:
+    """Wall times of each function over `repeat` rounds, one call of each per round (in turns), so that a busy spell
+    on a shared machine slows a round of every function rather than all calls of one."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            times[name].append(timeit(fn, repeat=1, warmup=0, device=device))
+    return times
+
+
+def flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of one call of fn (torch's FlopCounterMode: matmuls, convolutions, attention,
+    forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def machine() -> str:
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads "

@@ -119,11 +119,14 @@ class LastBlock:
         bias = self.attn.qkv.bias
         return bias.chunk(3) if bias is not None else (0.0, 0.0, 0.0)
 
+    def _head_mask(self, like: Tensor) -> Tensor:
+        """[A, heads], like's device and dtype: column h is 1 on head h's slice of the A attention channels."""
+        eye = torch.eye(self.attn.num_heads, device=like.device, dtype=like.dtype)
+        return eye.repeat_interleave(self.attn.head_dim, dim=0)
+
     def _head_blocks(self, x: Tensor) -> Tensor:
         """One vector per head [B, heads, dh] -> block-diagonal [B, A, heads]: column h holds head h's slice."""
-        h, dh = self.attn.num_heads, self.attn.head_dim
-        mask = torch.eye(h, device=x.device, dtype=x.dtype).repeat_interleave(dh, dim=0)  # [A, h]
-        return x.reshape(x.shape[0], h * dh, 1) * mask
+        return x.reshape(x.shape[0], -1, 1) * self._head_mask(x)
 
     def scores(self, q_lin: Tensor, k_lin: Tensor) -> Tensor:
         """Attention scores before the softmax: [B, heads, Q, T] (biases, q_norm/k_norm and the scale applied).
@@ -144,8 +147,7 @@ class LastBlock:
         probs = self.scores(q_lin, k_lin).softmax(dim=-1)  # [B, h, Q, T]
         if probs.shape[2] == 1:  # every head's weights on every value, then each head's own block; sum(p) = 1
             every = probs[:, :, 0] @ v_lin  # [B, h, A]
-            mask = self._head_blocks(torch.ones_like(every[:, :, :self.attn.head_dim]))  # [B, A, h]
-            return ((every * mask.transpose(1, 2)).sum(1) + b_v)[:, None], probs
+            return ((every * self._head_mask(every).T).sum(1) + b_v)[:, None], probs
         out = probs @ self.heads(v_lin + b_v)  # [B, h, Q, dh]
         return out.transpose(1, 2).reshape(q_lin.shape[0], q_lin.shape[1], self.attn.attn_dim), probs
 
