@@ -9,11 +9,12 @@ import platform
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+T = TypeVar("T")
 
 
 @dataclass
@@ -78,14 +79,19 @@ def timed_rounds(fns: dict[str, Callable[[], object]], repeat: int, device: str 
     return times
 
 
-def flops(fn: Callable[[], object]) -> int:
-    """Floating-point operations of one call of fn (torch's FlopCounterMode: matmuls, convolutions, attention,
-    forward and backward)."""
+def counted(fn: Callable[[], T]) -> tuple[T, int]:
+    """fn()'s result and the floating-point operations the call took (torch's FlopCounterMode: matmuls,
+    convolutions, attention, forward and backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
+        out = fn()
+    return out, counter.get_total_flops()
+
+
+def flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of one call of fn."""
+    return counted(fn)[1]
 
 
 def machine() -> str:

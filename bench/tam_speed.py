@@ -19,10 +19,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Row, cpu_threads, random_vit, timeit, main as bench_main  # noqa: E402
+from bench.common import Row, counted, cpu_threads, random_vit, timeit, main as bench_main  # noqa: E402
 from cdam_pl.explain.tam import naive_token_ablation_map, token_ablation_map  # noqa: E402
 
 MODELS = {  # label: (timm name, image size, overrides, images (full, quick), timing repeats (full, quick))
@@ -30,13 +29,6 @@ MODELS = {  # label: (timm name, image size, overrides, images (full, quick), ti
     "depth-2 64-d ViT/16 @64 px, 16 tokens": ("vit_small_patch16_224", 64, dict(depth=2, embed_dim=64, num_heads=4),
                                               (8, 2), (3, 3)),  # its loop takes milliseconds
 }
-
-
-def counted(fn):
-    """fn() and the FLOPs it took: (result, flops)."""
-    with FlopCounterMode(display=False) as counter:
-        out = fn()
-    return out, counter.get_total_flops()
 
 
 def matmul_rate(device: str, n: int = 1024) -> float:

@@ -4,6 +4,7 @@ A run killed mid-write leaves either the old file or the new one, never a trunca
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
@@ -63,3 +64,12 @@ def atomic_write_path(path: str | os.PathLike, write_to: Callable[[str], None]) 
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()

@@ -15,13 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from cdam_pl.io import atomic_write_bytes
+from cdam_pl.io import atomic_write_bytes, file_sha256
 
 __all__ = [
     "check_file",
     "check_shards",
     "clean_temp",
-    "file_sha256",
     "npy_bytes",
     "npy_header",
     "shard_entry",
@@ -41,14 +40,6 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:

@@ -40,7 +40,7 @@ from cdam_pl.errors import ConfigError, DataError
 from cdam_pl.explain import registry
 from cdam_pl.explain.cdam import CDAM, SIMILARITIES, concept_scores
 from cdam_pl.explain.registry import Method, parse_methods
-from cdam_pl.features._files import file_sha256
+from cdam_pl.io import file_sha256
 from cdam_pl.report.devices import predict_shards, prediction_trainer
 from cdam_pl.report.inputs import (
     ImageLoader,

@@ -27,8 +27,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from cdam_pl.errors import ConfigError, DataError
-from cdam_pl.features._files import file_sha256
-from cdam_pl.io import atomic_write_path, atomic_write_text
+from cdam_pl.io import atomic_write_path, atomic_write_text, file_sha256
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
