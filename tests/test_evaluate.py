@@ -196,6 +196,20 @@ def _tables(md: str) -> dict[tuple[str, str], dict[str, dict[str, str]]]:
 
 
 @needs_fmnist
+def test_stage_seconds_count_each_stage_over_the_images_it_covered():
+    from cdam_pl.evaluate.report import stage_seconds
+    from cdam_pl.evaluate.run import MethodResult
+
+    idx, sub = torch.arange(4), torch.tensor([0, 2])
+    r = MethodResult(idx, torch.zeros(4, 1, 2, 2), scores={}, score_idx={
+        "compactness_v1": idx, "deletion_token": sub, "random_logit": sub, "rand_head_ssim": sub,
+        "rand_head_spearman": sub}, seconds={"maps": 0.5, "map metrics": 0.1, "deletion_token": 2.0,
+                                             "random_logit": 0.25, "randomisation": 3.0})
+    cheap = MethodResult(idx, torch.zeros(4, 1, 2, 2), seconds={"maps": 1.0, "map metrics": 0.0})
+    # 4 x (0.5 + 0.1) + 2 x (2.0 + 0.25 + 3.0), and 4 x 1.0 for the method without forward metrics
+    assert stage_seconds({"fmnist": {"a": r}, "mosaics": {"b": cheap}}) == pytest.approx(2.4 + 10.5 + 4.0)
+
+
 def test_quick_run_end_to_end(fmnist_checkpoint, tmp_path):
     from PIL import Image
 
@@ -221,14 +235,20 @@ def test_quick_run_end_to_end(fmnist_checkpoint, tmp_path):
         else:
             assert len(v) == (min(QUICK["expensive"], n_set[s]) if m in ("tam", "ig", "smoothgrad") else n_set[s])
         finite = [x for x in v if not math.isnan(x)]
-        if metric.startswith(("compactness", "focus", "pointing", "relevance", "deletion", "insertion", "road")):
+        if metric == "road_fidelity":  # a difference of two mean probabilities
+            assert all(-1.0 <= x <= 1.0 for x in finite), (s, m, metric)
+        elif metric.startswith(("compactness", "focus", "pointing", "relevance", "deletion", "insertion", "road")):
             assert all(0.0 <= x <= 1.0 for x in finite), (s, m, metric)
     assert all(x == pytest.approx(1.0) for x in scores[("fmnist", "attention", "class_sensitivity")])
     assert {"focus", "pointing_game"} <= {k[2] for k in scores if k[0] == "mosaics"}
     assert {"rand_head_spearman", "rand_head_ssim", "random_logit", "road_morf", "insertion_pixel"} <= {
         k[2] for k in scores if k[0] == "fmnist"}
+    for m in methods:  # the paper's fidelity form, LIF minus MIF, per image from the two ROAD curves
+        lerf, morf = scores[("fmnist", m, "road_lerf")], scores[("fmnist", m, "road_morf")]
+        assert scores[("fmnist", m, "road_fidelity")] == pytest.approx([a - b for a, b in zip(lerf, morf)], abs=1e-12)
 
     md = (out / "results.md").read_text()
+    assert re.search(r"Stages \(maps, metrics, randomisation\) \d+ s of wall time summed", md)
     tables = _tables(md)
     checked = 0
     for (s, group), table in tables.items():

@@ -26,7 +26,7 @@ REFERENCE = "cdam"  # the method the paired differences are taken against
 GROUPS = (("map metrics", ("compactness_v1", "compactness_symmetric", "class_sensitivity", "focus", "pointing_game",
                            "relevance_mass", "relevance_rank")),
           ("faithfulness", ("deletion_token", "insertion_token", "deletion_pixel", "insertion_pixel", "road_morf",
-                            "road_lerf", "random_logit")),
+                            "road_lerf", "road_fidelity", "random_logit")),
           ("model randomisation", None))  # None: every rand_* metric, in cascade order
 # Pooled Pearson correlations between methods in the paper's first version (ImageNet, DINO ViT-S/8)
 PAPER_POOLED = {("tam", "cdam"): 0.44, ("cdam", "rp"): 0.47, ("tam", "rp"): 0.34, ("cdam", "attention"): 0.12,
@@ -134,8 +134,10 @@ def render_markdown(meta: dict, sets, results, est, diff, pooled_est, timing) ->
               "TAM, IG and SmoothGrad)")
     lines = ["# Explanation methods evaluated", "",
              f"Checkpoint `{meta['checkpoint']}`: {meta['backbone']} at {meta['img_size']} px (patch "
-             f"{meta['patch']}), {meta['classes']} classes. {meta['machine']}. Wall time to the scores "
-             f"{meta['total_s']:.0f} s, CPU time {meta['cpu_s']:.0f} s.", "", f"Command: `{meta['command']}`", "",
+             f"{meta['patch']}), {meta['classes']} classes. {meta['machine']}. Stages (maps, metrics, randomisation) "
+             f"{meta['stage_s']:.0f} s of wall time summed, whichever invocation computed them; this invocation "
+             f"{meta['total_s']:.0f} s to the scores, CPU time {meta['cpu_s']:.0f} s.", "",
+             f"Command: `{meta['command']}`", "",
              f"Images: {subset}. Perturbation curves: {sz['steps']} steps; IG, SmoothGrad, Smooth and Integrated "
              f"CDAM: {sz['n_samples']} samples; randomisation: the head, then the last {sz['blocks']} block(s), top "
              f"down. Every cell: mean [95% bootstrap interval, {sz['bootstrap']} resamples, seed {meta['seed']}] "
@@ -196,6 +198,21 @@ def timings(sets, results) -> dict[str, dict[str, Any]]:
     return out
 
 
+def stage_seconds(results: dict[str, dict[str, Any]]) -> float:
+    """Wall seconds of every map, metric and randomisation stage, summed: seconds per image times the images each
+    covered. A resumed run counts each stage once, whichever invocation computed it (set building and the outputs
+    themselves are not stages)."""
+    total = 0.0
+    for res in results.values():
+        for r in res.values():
+            rand = next((len(i) for m, i in r.score_idx.items() if m.startswith("rand_")), 0)
+            for group, sec in r.seconds.items():
+                n = len(r.idx) if group in ("maps", "map metrics") else (
+                    rand if group == "randomisation" else len(r.score_idx.get(group, ())))
+                total += sec * n
+    return total
+
+
 def bars_figure(path: Path, set_name: str, est: dict[str, dict[str, Estimate]], names: list[str],
                 labels: dict[str, str]) -> None:
     """One panel per metric: each method's mean with its 95% interval."""
@@ -246,6 +263,7 @@ def write_outputs(out: Path, model, sets, results, meta: dict, n_boot: int, seed
     pooled_est = {s.name: pooled_correlations(s, results[s.name], [n for n in names if n in results[s.name]],
                                               n_boot, seed) for s in sets if s.name == "fmnist"}
     timing = timings(sets, results)
+    meta["stage_s"] = stage_seconds(results)
     for s in sets:
         bars_figure(out / f"bars_{s.name}.png", s.name, est[s.name], [n for n in names if n in results[s.name]],
                     meta["labels"])

@@ -33,7 +33,7 @@ from cdam_pl.cli import run_cli
 from cdam_pl.errors import CdamError
 from cdam_pl.evaluate import data as D
 from cdam_pl.evaluate.report import write_outputs
-from cdam_pl.evaluate.scoring import forward_scores, map_scores, randomisation_scores
+from cdam_pl.evaluate.scoring import derived_scores, forward_scores, map_scores, randomisation_scores
 from cdam_pl.explain import registry
 from cdam_pl.io import atomic_torch_save
 
@@ -259,7 +259,7 @@ def forward_stage(model, s: D.EvalSet, results: dict[str, MethodResult], explain
 
             t0 = time.perf_counter()
             scores, seconds = work.get(f"forward-{name}", stage)
-            for metric, v in scores.items():
+            for metric, v in derived_scores(scores).items():
                 r.scores[metric], r.score_idx[metric] = v, idx
             r.seconds.update(seconds)
             log(f"  forward    {name:<12} {k:5d} images {time.perf_counter() - t0:7.1f} s")

@@ -13,6 +13,8 @@ so that results.md, the bootstrap and scores.csv all read the same numbers. The 
   forward metrics (the faithfulness subset of single items, target = the top-1 class):
     deletion_token, insertion_token, deletion_pixel, insertion_pixel   AUC of the target's softmax probability
     road_morf, road_lerf                    mean target probability over the ROAD fractions
+    road_fidelity                           road_lerf - road_morf: the area between the least- and the most-relevant-
+                                            first curve, the paper's fidelity (LIF - MIF) with ROAD's imputation
     random_logit                            SSIM of the target's map and a random other class's map (lower = better)
   randomisation (same subset): rand_<stage>_spearman, rand_<stage>_ssim between the map of the trained model and of
     the model randomised down to <stage> (lower = the map depends on the weights, as it should)
@@ -47,7 +49,7 @@ HIGHER_IS_BETTER = {
     "compactness_v1": True, "compactness_symmetric": True, "class_sensitivity": False, "focus": True,
     "pointing_game": True, "relevance_mass": True, "relevance_rank": True,
     "deletion_token": False, "insertion_token": True, "deletion_pixel": False, "insertion_pixel": True,
-    "road_morf": False, "road_lerf": True, "random_logit": False,
+    "road_morf": False, "road_lerf": True, "road_fidelity": True, "random_logit": False,
 }
 PERTURBATIONS = tuple((kind, mode) for mode in DELETION_MODES for kind in PERTURBATION_KINDS)
 
@@ -123,6 +125,16 @@ def forward_scores(model, images: Tensor, target: Tensor, maps: Tensor, *, steps
     timed("random_logit", lambda sl: {"random_logit": ssim(maps[sl].to(dev), explain(
         bb, head, images[sl], other[sl, None])[:, 0])})
     return {k: np.concatenate(v) for k, v in out.items()}, seconds
+
+
+def derived_scores(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The forward scores with the ones computed from others added: road_fidelity = road_lerf - road_morf per image
+    (the fractions are evenly spaced, so the difference of the two curves' means is the area between them, in units
+    of the fraction range)."""
+    out = dict(scores)
+    if "road_lerf" in scores and "road_morf" in scores:
+        out["road_fidelity"] = scores["road_lerf"] - scores["road_morf"]
+    return out
 
 
 def randomisation_scores(model, images: Tensor, target: Tensor, maps: Tensor, *, blocks: int, seed: int,
