@@ -172,6 +172,20 @@ def test_bootstrap_statistic_of_pooled_correlation():
     e = bootstrap_statistic(lambda idx: float(pooled_correlation(a[idx], b[idx])), 30, n_boot=300)
     flat = np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]
     assert e.mean == pytest.approx(flat, abs=1e-6) and e.lo < flat < e.hi and e.n == 30
+    # the report's path: per-image sums, every resample at once; the same resamples, so the same interval
+    from cdam_pl.evaluate.scoring import pooled_from_sums, pooled_sums
+    from cdam_pl.evaluate.stats import bootstrap_of_sums
+
+    fast = bootstrap_of_sums(pooled_sums(a, b), pooled_from_sums, n_boot=300)
+    assert (fast.mean, fast.lo, fast.hi, fast.n) == pytest.approx((e.mean, e.lo, e.hi, e.n), abs=1e-6)
+    # the sums on the metric's side give the same number as the one-pass correlation and the torchmetrics state
+    from cdam_pl.metrics import PooledCorrelation
+
+    m = PooledCorrelation()
+    m.update(a[:10], b[:10])
+    m.update(a[10:], b[10:])
+    assert float(m.compute()) == pytest.approx(flat, abs=1e-6)
+    assert np.isnan(pooled_from_sums(pooled_sums(torch.ones(3, 4, 4), b[:3]).sum(0)))  # constant: undefined
 
 
 # --- end to end ---------------------------------------------------------------------------------------------------
@@ -195,7 +209,6 @@ def _tables(md: str) -> dict[tuple[str, str], dict[str, dict[str, str]]]:
     return out
 
 
-@needs_fmnist
 def test_stage_seconds_count_each_stage_over_the_images_it_covered():
     from cdam_pl.evaluate.report import stage_seconds
     from cdam_pl.evaluate.run import MethodResult
@@ -210,6 +223,7 @@ def test_stage_seconds_count_each_stage_over_the_images_it_covered():
     assert stage_seconds({"fmnist": {"a": r}, "mosaics": {"b": cheap}}) == pytest.approx(2.4 + 10.5 + 4.0)
 
 
+@needs_fmnist
 def test_quick_run_end_to_end(fmnist_checkpoint, tmp_path):
     from PIL import Image
 

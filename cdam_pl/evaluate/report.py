@@ -17,8 +17,8 @@ import torch
 from matplotlib.figure import Figure
 
 from cdam_pl.benchmark import CONTROL, figure_grid
-from cdam_pl.evaluate.scoring import HIGHER_IS_BETTER, higher_is_better, pooled
-from cdam_pl.evaluate.stats import Estimate, align, bootstrap_mean, bootstrap_statistic, paired_difference
+from cdam_pl.evaluate.scoring import HIGHER_IS_BETTER, higher_is_better, pooled_from_sums, pooled_sums
+from cdam_pl.evaluate.stats import Estimate, align, bootstrap_mean, bootstrap_of_sums, paired_difference
 from cdam_pl.io import atomic_write_path, atomic_write_text
 from cdam_pl.viz.maps import save_png
 
@@ -101,7 +101,8 @@ def pooled_correlations(s, results, names: list[str], n_boot: int, seed: int) ->
             common = np.intersect1d(ra.idx.numpy(), rb.idx.numpy())
             pa = torch.as_tensor(np.searchsorted(ra.idx.numpy(), common))
             pb = torch.as_tensor(np.searchsorted(rb.idx.numpy(), common))
-            out[(a, b)] = bootstrap_statistic(pooled(ra.maps[pa, 0], rb.maps[pb, 0]), len(common), n_boot, seed)
+            out[(a, b)] = bootstrap_of_sums(pooled_sums(ra.maps[pa, 0], rb.maps[pb, 0]), pooled_from_sums, n_boot,
+                                            seed)
     return out
 
 

@@ -21,7 +21,6 @@ so that results.md, the bootstrap and scores.csv all read the same numbers. The 
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable
 
@@ -42,7 +41,7 @@ from cdam_pl.metrics.faithfulness import (
 )
 from cdam_pl.metrics.localisation import focus, pointing_game, relevance_mass_accuracy, relevance_rank_accuracy
 from cdam_pl.metrics.sanity import random_other_classes, randomised_cascade, spearman, ssim
-from cdam_pl.metrics.sensitivity import map_correlation, pooled_correlation
+from cdam_pl.metrics.sensitivity import map_correlation, pearson_from_sums
 
 # metric -> True when higher is better (the tables' arrows; the paired differences read CDAM minus the other method)
 HIGHER_IS_BETTER = {
@@ -168,12 +167,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def pooled(a: Tensor, b: Tensor) -> Callable[[np.ndarray], float]:
-    """The statistic `bootstrap_statistic` resamples: the pooled correlation of maps a, b [n, gh, gw] over images
-    idx."""
-    def stat(idx: np.ndarray) -> float:
-        t = torch.as_tensor(idx, dtype=torch.long)
-        v = float(pooled_correlation(a[t], b[t]))
-        return v if math.isfinite(v) else float("nan")
+def pooled_sums(a: Tensor, b: Tensor) -> np.ndarray:
+    """Per image of maps a, b [n, gh, gw]: its token count and sums of a, b, a^2, b^2, ab (float64) [n, 6], what
+    the pooled correlation of any set of those images is computed from (`pooled_from_sums`)."""
+    a, b = a.detach().reshape(a.shape[0], -1).double(), b.detach().reshape(b.shape[0], -1).double()
+    count = torch.full((a.shape[0],), float(a.shape[1]), dtype=torch.float64)
+    return torch.stack([count, a.sum(1), b.sum(1), (a * a).sum(1), (b * b).sum(1), (a * b).sum(1)], 1).numpy()
 
-    return stat
+
+def pooled_from_sums(sums: np.ndarray) -> np.ndarray:
+    """The pooled Pearson correlation from `pooled_sums` added up over images [..., 6] -> [...] (NaN: constant)."""
+    return pearson_from_sums(*torch.from_numpy(np.asarray(sums, dtype=np.float64)).unbind(-1)).numpy()

@@ -77,6 +77,23 @@ def bootstrap_statistic(statistic: Callable[[np.ndarray], float], n: int, n_boot
     return Estimate(value, *_interval(stats[~np.isnan(stats)], level), n)
 
 
+def bootstrap_of_sums(per_image, statistic: Callable[[np.ndarray], np.ndarray], n_boot: int = N_BOOT,
+                      seed: int = 0, level: float = LEVEL) -> Estimate:
+    """`bootstrap_statistic` for a statistic of sums over images (a pooled correlation: each image's token count and
+    sums of a, b, a^2, b^2, ab): per_image [n, k]; statistic(sums [..., k]) -> [...]. The same resamples, each one's
+    sums added up from the rows it draws, all at once instead of one pass over every token per resample."""
+    x = np.asarray(per_image, dtype=np.float64)
+    n = x.shape[0]
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    value = float(statistic(x.sum(0)))
+    idx = resamples(n, n_boot, seed)
+    chunk = max(1, (1 << 24) // max(x.size, 1))  # resamples per step: ~16M numbers gathered at a time
+    stats = np.concatenate([np.asarray(statistic(x[idx[i:i + chunk]].sum(1)), dtype=np.float64).reshape(-1)
+                            for i in range(0, len(idx), chunk)])
+    return Estimate(value, *_interval(stats[~np.isnan(stats)], level), n)
+
+
 def align(ids_a: list[str], a, ids_b: list[str], b) -> tuple[np.ndarray, np.ndarray]:
     """Scores of two methods on the images both were scored on, in one order: (a', b')."""
     pos = {k: i for i, k in enumerate(ids_b)}

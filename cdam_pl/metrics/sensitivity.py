@@ -76,6 +76,16 @@ def pooled_correlation(maps_a: Tensor, maps_b: Tensor) -> Tensor:
     return _pearson(maps_a.detach().reshape(1, -1).double(), maps_b.detach().reshape(1, -1).double())[0].float()
 
 
+def pearson_from_sums(n: Tensor, sa: Tensor, sb: Tensor, saa: Tensor, sbb: Tensor, sab: Tensor) -> Tensor:
+    """Pearson correlation of n paired values from their sums (of a, b, a^2, b^2, ab), elementwise over any
+    broadcastable shapes (float64 advised); NaN where n = 0 or one side is constant."""
+    cov = sab - sa * sb / n
+    den = ((saa - sa ** 2 / n) * (sbb - sb ** 2 / n)).sqrt()
+    ok = (n > 0) & (den > 0)
+    return torch.where(ok, (cov / torch.where(ok, den, torch.ones_like(den))).clamp(-1.0, 1.0),
+                       torch.full_like(cov, float("nan")))
+
+
 class PooledCorrelation(Metric):
     """Pearson correlation of two methods' token scores, pooled over everything seen: update(maps_a, maps_b) with
     paired maps [..., gh, gw]. The states are float64 sums (n, sums, sums of squares and products), so DDP sync
@@ -103,6 +113,4 @@ class PooledCorrelation(Metric):
         self.sab += (a * b).sum()
 
     def compute(self) -> Tensor:
-        cov = self.sab - self.sa * self.sb / self.n
-        den = ((self.saa - self.sa ** 2 / self.n) * (self.sbb - self.sb ** 2 / self.n)).sqrt()
-        return (cov / den).clamp(-1.0, 1.0).float() if self.n > 0 and den > 0 else torch.tensor(float("nan"))
+        return pearson_from_sums(self.n, self.sa, self.sb, self.saa, self.sbb, self.sab).float()
