@@ -185,7 +185,8 @@ def test_bootstrap_statistic_of_pooled_correlation():
     m.update(a[:10], b[:10])
     m.update(a[10:], b[10:])
     assert float(m.compute()) == pytest.approx(flat, abs=1e-6)
-    assert np.isnan(pooled_from_sums(pooled_sums(torch.ones(3, 4, 4), b[:3]).sum(0)))  # constant: undefined
+    const = bootstrap_of_sums(pooled_sums(torch.ones(3, 4, 4), b[:3]), pooled_from_sums, n_boot=50)
+    assert np.isnan([const.mean, const.lo, const.hi]).all() and const.n == 3  # a constant map: undefined, no error
 
 
 # --- end to end ---------------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ def resamples(n: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
 
 
 def _interval(stats: np.ndarray, level: float) -> tuple[float, float]:
+    if stats.size == 0:  # no resample had a defined value (a pooled correlation with a constant map)
+        return float("nan"), float("nan")
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(stats, [tail, 100 - tail])
     return float(lo), float(hi)
