@@ -37,6 +37,7 @@ from torch import Tensor
 from cdam_pl.checkpoint import load_checkpoint
 from cdam_pl.cli import run_cli
 from cdam_pl.data.datasets import FashionMNISTDataset
+from cdam_pl.data.photos import PHOTOS, load_photo
 from cdam_pl.data.splits import stratified_subset
 from cdam_pl.data.transforms import build_transform
 from cdam_pl.errors import CdamError
@@ -51,12 +52,11 @@ from cdam_pl.viz.figures import strip
 from cdam_pl.viz.maps import DISPLAY_Q, overlay, save_png, to_uint8_image
 
 SETS = ("fmnist", "composites", "photos")
-PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 DEFAULT_OUT = Path("bench/out/methods")
 DEMO_GLOB = "runs/demo/version_*/checkpoints/last.ckpt"
 # Defaults sized so that the full run finishes within 15 minutes on 2 CPU cores with the demo checkpoint
 # (DINOv2 ViT-S/14 at 112 px); --quick is for CI and tests.
-FULL = dict(fmnist=4, composites=3, photos=len(PHOTOS), n_samples=50, tam_speed_images=1)
+FULL = dict(fmnist=4, composites=3, photos=4, n_samples=50, tam_speed_images=1)
 QUICK = dict(fmnist=2, composites=2, photos=2, n_samples=8, tam_speed_images=1)
 CONTROL = "random"
 
@@ -163,23 +163,19 @@ def composite_set(model, n: int, seed: int, device) -> ImageSet:
 
 
 def photo_set(model, names: Sequence[str], device) -> ImageSet:
-    try:
-        import skimage.data as skdata  # optional: scikit-image (only the photos set needs it)
-    except ImportError:
-        raise CdamError("the photos set needs scikit-image: pip install scikit-image (or --sets fmnist,composites)") \
-            from None
+    """The bundled photos `names` (`cdam_pl.data.photos`), centre-cropped to a square, at the model's input size."""
     tf = model_transform(model, model.backbone.img_size)
     images = []
     for name in names:
-        arr = getattr(skdata, name)()
-        s = min(arr.shape[:2])
-        top, left = (arr.shape[0] - s) // 2, (arr.shape[1] - s) // 2
-        images.append(tf(Image.fromarray(arr[top:top + s, left:left + s]).convert("RGB")))
+        im = load_photo(name)
+        s = min(im.size)
+        left, top = (im.width - s) // 2, (im.height - s) // 2
+        images.append(tf(im.crop((left, top, left + s, top + s))))
     images = torch.stack(images).to(device)
     targets = _top2(model, images)
     titles = [f"{n} (pred {model.classes[t]})" for n, t in zip(names, targets[:, 0].tolist())]
     return ImageSet("photos", images, targets, titles,
-                    note=f"scikit-image photos {', '.join(names)} (no true class), targets = top-2 predicted classes")
+                    note=f"photos {', '.join(names)} (no true class), targets = top-2 predicted classes")
 
 
 # --- running the methods ------------------------------------------------------------------------------------------
@@ -427,7 +423,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         elif name == "composites":
             sets.append(composite_set(model, sizes["composites"], args.seed, device))
         else:
-            photos = PHOTOS[: sizes["photos"]]
+            photos = list(PHOTOS)[: sizes["photos"]]
             sets.append(photo_set(model, photos, device))
 
     results: list[Result] = []

@@ -553,3 +553,23 @@ def test_module_config_errors(tmp_path):
     dm = ImageDataModule(root=tmp_path / "missing")  # cheap: no IO until setup
     with pytest.raises(DataError, match="not found"):
         dm.setup()
+
+
+def test_bundled_photos_load_from_their_packages_without_a_download(monkeypatch):
+    import sys
+
+    from skimage import data as skdata
+
+    from cdam_pl.data.photos import PHOTOS, load_photo
+
+    assert {p.package for p in PHOTOS.values()} == {"scikit-image", "scikit-learn", "matplotlib"}
+    for name in PHOTOS:
+        im = load_photo(name)
+        assert im.mode == "RGB" and min(im.size) >= 300, name
+    assert np.array_equal(np.asarray(load_photo("coffee")), skdata.coffee())
+    assert np.array_equal(np.asarray(load_photo("motorcycle")), skdata.stereo_motorcycle()[0])  # the left view
+    with pytest.raises(DataError, match="unknown photo 'cat'; choose from chelsea, coffee"):
+        load_photo("cat")
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if scikit-learn were not installed
+    with pytest.raises(DataError, match="ships with scikit-learn: pip install scikit-learn"):
+        load_photo("china")

@@ -310,7 +310,7 @@ def test_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert main(["--images", "0"]) == 2
     assert "--images must be >= 1" in capsys.readouterr().err
     assert main(["--photos", "9"]) == 2
-    assert "--photos must be at most 4" in capsys.readouterr().err
+    assert "--photos must be at most 8" in capsys.readouterr().err
 
 
 def test_forward_scores_do_not_depend_on_the_batch_size(model):
@@ -340,3 +340,36 @@ def test_forward_scores_do_not_depend_on_the_batch_size(model):
     for metric in small:
         if metric.startswith(("deletion", "insertion")):
             np.testing.assert_allclose(small[metric], whole[metric], rtol=1e-4, atol=1e-5, err_msg=metric)
+
+
+@needs_fmnist
+def test_a_rerun_recomputes_only_the_stages_its_settings_change(fmnist_checkpoint, tmp_path):
+    """Each stage under DIR/.work is keyed by what it depends on: fewer forward-metric images keep every map, fewer
+    photos redo only the photos, more samples redo only the sampling method's maps and what was computed from them."""
+    from cdam_pl.evaluate import parse_args, run
+
+    out = tmp_path / "eval"
+    args = ["--checkpoint", str(fmnist_checkpoint), "--out", str(out), "--quick", "--methods", "cdam,ig",
+            "--sets", "fmnist,photos"]
+
+    def computed(*extra: str) -> tuple[set[str], dict]:
+        before = {p.name for p in (out / ".work").glob("*.pt")}
+        result = run(parse_args([*args, *extra]), log=lambda line: None)
+        after = {p.name for p in (out / ".work").glob("*.pt")}
+        stages = [n.split("@")[0] for n in after]
+        assert len(stages) == len(set(stages))  # the stale file of a recomputed stage is removed
+        return {n.split("@")[0] for n in after - before}, result["results"]
+
+    first, maps = computed()
+    every_map = {f"maps-{s}-{m}" for s in ("fmnist", "photos") for m in ("cdam", "ig", "random")}
+    assert first == every_map | {"set-fmnist", "set-photos", "forward-cdam", "forward-ig", "forward-random",
+                                 "randomisation-2", "randomisation-3"}
+    args += ["--faithful", "2", "--faithful-expensive", "1"]
+    second, again = computed()
+    assert second == {"forward-cdam", "forward-ig", "forward-random", "randomisation-1", "randomisation-2"}
+    assert torch.equal(again["fmnist"]["cdam"].maps, maps["fmnist"]["cdam"].maps)
+    args += ["--photos", "1"]
+    assert computed()[0] == {"set-photos", "maps-photos-cdam", "maps-photos-ig", "maps-photos-random"}
+    args += ["--n-samples", "3"]
+    assert computed()[0] == {"maps-fmnist-ig", "maps-photos-ig", "forward-ig", "randomisation-1"}
+    assert computed()[0] == set()  # the same command again resumes everything

@@ -9,26 +9,28 @@ from typing import Any, Callable
 from PIL import Image
 
 from cdam_pl.data.datamodule import ImageDataModule
+from cdam_pl.data.photos import PHOTOS, load_photo
+from cdam_pl.errors import DataError
 
 __all__ = ["Example", "demo_examples"]
+
+EXAMPLE_PHOTOS = ("chelsea", "coffee", "astronaut")
 
 
 @dataclass
 class Example:
     id: str
     name: str
-    source: str  # "scikit-image" or "validation"
+    source: str  # the package that ships the photo, or "validation"
     image: Image.Image  # RGB
 
 
-def _skimage_examples() -> list[Example]:
+def _photo_examples() -> list[Example]:
+    """Three of the bundled photos (`cdam_pl.data.photos`); none where their package is not installed."""
     try:
-        from skimage import data as skdata  # optional: scikit-image (the demo works without its photos)
-    except ImportError:
+        return [Example(key, PHOTOS[key].label, PHOTOS[key].package, load_photo(key)) for key in EXAMPLE_PHOTOS]
+    except DataError:  # the demo works without its photos
         return []
-    photos = [("chelsea", "chelsea (cat)"), ("coffee", "coffee (cup)"), ("astronaut", "astronaut")]
-    return [Example(key, label, "scikit-image", Image.fromarray(getattr(skdata, key)()).convert("RGB"))
-            for key, label in photos]
 
 
 def _validation_examples(config: dict[str, Any], backbone, n: int) -> list[Example]:
@@ -56,7 +58,7 @@ def _validation_examples(config: dict[str, Any], backbone, n: int) -> list[Examp
 def demo_examples(config: dict[str, Any], backbone, n_validation: int = 4,
                   warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> list[Example]:
     """The bundled scikit-image photos plus a few of the checkpoint's validation images where available."""
-    out = _skimage_examples()
+    out = _photo_examples()
     try:
         out += _validation_examples(config, backbone, n_validation)
     except Exception as e:  # the data moved, is not installed here, ...: the demo works without it

@@ -6,7 +6,7 @@
   mosaics     the Focus protocol (Arias-Duart et al. 2022): 2 x 2 tiles, two of the target class and two of two other
               classes, at random positions; each tile at the head's input size, so the mosaic is twice as high and
               wide and its token grid doubles; target = the class shown twice
-  photos      scikit-image photos (`cdam_pl.benchmark.photo_set`): no class of the head; targets = its top-2
+  photos      the bundled photos (`cdam_pl.data.photos`): no class of the head; targets = its top-2
 
 Held out: a head trained by train.py on Fashion-MNIST learnt from the train split and was validated on a seeded
 stratified subset of the TEST split; that subset is rebuilt from the checkpoint's config with the data module that

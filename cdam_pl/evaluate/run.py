@@ -7,16 +7,18 @@ Which images each method and metric gets (seeded subsets nest: the first k of on
   forward metrics and randomisation (single items)  the first `faithful` images (`faithful_expensive` for the
                                                     expensive methods)
 `--device cuda` gives every method and metric every image. Each stage's result is kept under DIR/.work (written
-atomically) with a fingerprint of the settings, so a killed run resumes where it stopped.
+atomically), keyed by the settings it depends on: a killed run resumes where it stopped, and a rerun with other
+settings recomputes only the stages they change (`--faithful 300` keeps every map; `--photos 4` redoes only the
+photos).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,15 +29,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cdam_pl.benchmark import CONTROL, PHOTOS, find_checkpoint, method_params, photo_set
+from cdam_pl.benchmark import CONTROL, find_checkpoint, method_params, photo_set
 from cdam_pl.checkpoint import load_checkpoint
 from cdam_pl.cli import run_cli
+from cdam_pl.data.photos import PHOTOS
 from cdam_pl.errors import CdamError
 from cdam_pl.evaluate import data as D
 from cdam_pl.evaluate.report import write_outputs
 from cdam_pl.evaluate.scoring import derived_scores, forward_scores, map_scores, randomisation_scores
 from cdam_pl.explain import registry
-from cdam_pl.io import atomic_torch_save
+from cdam_pl.io import atomic_torch_save, file_sha256
 
 DEFAULT_OUT = Path("bench/out/evaluation")
 SETS = ("fmnist", "composites", "mosaics", "photos")
@@ -67,26 +70,33 @@ class MethodResult:
 
 
 class Work:
-    """Stage results under DIR/.work, keyed by name; dropped when the settings' fingerprint changes."""
+    """Stage results under DIR/.work, one file per stage named by the stage and a hash of everything it depends on
+    (its settings and the keys of the stages it was computed from). A stage whose settings changed is recomputed and
+    its old file removed; the other stages are kept."""
 
-    def __init__(self, out: Path, fingerprint: dict[str, Any], log: Callable[[str], None]):
+    def __init__(self, out: Path, log: Callable[[str], None]):
         self.dir = out / ".work"
         self.log = log
-        key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
-        stamp = self.dir / "fingerprint"
-        if self.dir.exists() and (not stamp.is_file() or stamp.read_text() != key):
-            shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(key)
 
-    def get(self, name: str, compute: Callable[[], Any]) -> Any:
-        path = self.dir / f"{name}.pt"
+    @staticmethod
+    def key(depends: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(depends, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def get(self, name: str, depends: dict[str, Any], compute: Callable[[], Any]) -> tuple[Any, str]:
+        """(the stage's value, its key); computed and saved unless a file with this key exists."""
+        key = self.key(depends)
+        path = self.dir / f"{name}@{key}.pt"
+        for stale in self.dir.glob(f"{name}@*.pt"):
+            if stale != path:
+                stale.unlink()
         if path.is_file():
             self.log(f"  {name}: resumed")
-            return torch.load(path, weights_only=False)  # this run's own stage files (dataclasses), never a download
+            # this run's own stage files (dataclasses), never a download
+            return torch.load(path, weights_only=False), key
         value = compute()
         atomic_torch_save(value, path)
-        return value
+        return value, key
 
 
 def explainer(name: str, n_samples: int, seed: int) -> Callable[..., Tensor]:
@@ -129,27 +139,25 @@ def predict_top(model, images: Tensor, k: int, batch_size: int, device: torch.de
     return torch.cat(out)
 
 
-def build_sets(model, wanted: Sequence[str], sizes: dict[str, int], seed: int, batch_size: int,
-               device: torch.device) -> list[D.EvalSet]:
-    sets = []
-    needs_fmnist = any(s != "photos" for s in wanted)
-    test = D.fashion_mnist(model) if needs_fmnist else None
-    pool = D.holdout_pool(model, test) if needs_fmnist else []
-    for name in wanted:
+def build_set(model, name: str, sizes: dict[str, int], seed: int, batch_size: int, device: torch.device,
+              fmnist: Callable[[], tuple[Any, list[int]]]) -> D.EvalSet:
+    """The image set `name`; fmnist() gives the Fashion-MNIST test split and its held-out pool."""
+    if name == "photos":
+        names = list(PHOTOS)[:sizes["photos"]]
+        b = photo_set(model, names, torch.device("cpu"))
+        s = D.EvalSet("photos", b.images, b.targets.cpu(), names, b.titles, note=b.note)
+    else:
+        test, pool = fmnist()
         if name == "fmnist":
             idx = D.heldout_indices(test, pool, sizes["images"], seed)
             s = D.fmnist_set(model, test, idx, lambda x: predict_top(model, x, 2, batch_size, device))
         elif name == "composites":
             s = D.composite_set(model, test, pool, sizes["composites"], seed)
             s.extra["localised_targets"] = (0, 1)
-        elif name == "mosaics":
-            s = D.mosaic_set(model, test, pool, sizes["mosaics"], seed)
         else:
-            b = photo_set(model, PHOTOS[:sizes["photos"]], torch.device("cpu"))
-            s = D.EvalSet("photos", b.images, b.targets.cpu(), list(PHOTOS[:sizes["photos"]]), b.titles, note=b.note)
-        s.extra["order"] = D.seeded_order(len(s), seed)
-        sets.append(s)
-    return sets
+            s = D.mosaic_set(model, test, pool, sizes["mosaics"], seed)
+    s.extra["order"] = D.seeded_order(len(s), seed)
+    return s
 
 
 def compute_maps(model, s: D.EvalSet, idx: Tensor, explain, batch_size: int, device) -> tuple[Tensor, float]:
@@ -189,12 +197,23 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     log(f"checkpoint {ckpt} ({model.backbone.identity['name']}, {len(model.classes)} classes, "
         f"{'x'.join(map(str, model.backbone.img_size))} px) on {device}")
     out = Path(args.out)
-    work = Work(out, {"checkpoint": str(Path(ckpt).resolve()), "mtime": Path(ckpt).stat().st_mtime, "sizes": sizes,
-                      "seed": args.seed, "methods": methods, "sets": wanted, "device": device.type}, log)
+    work = Work(out, log)
+    base = {"checkpoint": file_sha256(ckpt), "seed": args.seed, "device": device.type, "batch_size": args.batch_size}
     names = methods + [CONTROL]
     explainers = {n: explainer(n, sizes["n_samples"], args.seed) for n in names}
 
-    sets = work.get("sets", lambda: build_sets(model, wanted, sizes, args.seed, args.batch_size, device))
+    @functools.cache
+    def fmnist():
+        test = D.fashion_mnist(model)
+        return test, D.holdout_pool(model, test)
+
+    sets, set_keys = [], {}
+    for name in wanted:
+        size = {"photos": list(PHOTOS)[:sizes["photos"]], "fmnist": sizes["images"]}.get(name, sizes.get(name))
+        s, set_keys[name] = work.get(f"set-{name}", base | {"size": size}, lambda name=name: build_set(
+            model, name, sizes, args.seed, args.batch_size, device, fmnist))
+        sets.append(s)
+    map_keys: dict[str, dict[str, str]] = {}
     results: dict[str, dict[str, MethodResult]] = {}
     for s in sets:
         order = s.extra["order"]
@@ -212,12 +231,16 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
                 r.seconds["map metrics"] = (time.perf_counter() - t0) / max(len(idx), 1)
                 return r
 
-            results[s.name][name] = work.get(f"maps-{s.name}-{name}", stage)
+            params = {} if name == CONTROL else method_params(name, sizes["n_samples"])
+            results[s.name][name], map_keys.setdefault(s.name, {})[name] = work.get(
+                f"maps-{s.name}-{name}", {"set": set_keys[s.name], "method": name, "params": params, "images": k},
+                stage)
             log(f"  {s.name:<10} {name:<12} {len(idx):5d} images {results[s.name][name].seconds['maps']:7.3f} s/image")
 
     if "fmnist" in wanted and not args.no_forward:
         s = sets[wanted.index("fmnist")]
-        forward_stage(model, s, results["fmnist"], explainers, sizes, args, device, work, everything, log)
+        forward_stage(model, s, results["fmnist"], map_keys["fmnist"], explainers, sizes, args, device, work,
+                      everything, log)
 
     meta = {
         "checkpoint": str(ckpt), "backbone": model.backbone.identity["name"],
@@ -238,8 +261,8 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     return {"out": out, "meta": meta, "results": results, "sets": sets}
 
 
-def forward_stage(model, s: D.EvalSet, results: dict[str, MethodResult], explainers, sizes, args, device, work,
-                  everything: bool, log) -> None:
+def forward_stage(model, s: D.EvalSet, results: dict[str, MethodResult], map_keys: dict[str, str], explainers,
+                  sizes, args, device, work, everything: bool, log) -> None:
     """Perturbation, ROAD, Random Logit and cascading randomisation on the faithfulness subset (target: top-1)."""
     order = s.extra["order"]
     subsets: dict[int, dict[str, Tensor]] = {}
@@ -258,7 +281,8 @@ def forward_stage(model, s: D.EvalSet, results: dict[str, MethodResult], explain
                                       batch_size=args.batch_size, explain=explainers[name])
 
             t0 = time.perf_counter()
-            scores, seconds = work.get(f"forward-{name}", stage)
+            (scores, seconds), _ = work.get(f"forward-{name}", {"maps": map_keys[name], "images": k,
+                                                                 "steps": sizes["steps"]}, stage)
             for metric, v in derived_scores(scores).items():
                 r.scores[metric], r.score_idx[metric] = v, idx
             r.seconds.update(seconds)
@@ -271,7 +295,8 @@ def forward_stage(model, s: D.EvalSet, results: dict[str, MethodResult], explain
                                         batch_size=args.batch_size,
                                         explainers={n: explainers[n] for n in group})
 
-        scores, seconds = work.get(f"randomisation-{k}", cascade)
+        (scores, seconds), _ = work.get(f"randomisation-{k}", {"maps": sorted(map_keys[n] for n in group),
+                                                                "images": k, "blocks": sizes["blocks"]}, cascade)
         for name in group:
             for metric, v in scores[name].items():
                 results[name].scores[metric], results[name].score_idx[metric] = v, idx
@@ -318,7 +343,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if v is not None and v < 1:
             raise CdamError(f"--{key.replace('_', '-')} must be >= 1, got {v}")
     if args.photos is not None and args.photos > len(PHOTOS):
-        raise CdamError(f"--photos must be at most {len(PHOTOS)} (the scikit-image photos: {', '.join(PHOTOS)})")
+        raise CdamError(f"--photos must be at most {len(PHOTOS)} (the bundled photos: {', '.join(PHOTOS)})")
     return args
 
 
