@@ -25,7 +25,8 @@ import lightning as L
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.cached_training import EpochTimer  # noqa: E402
-from bench.common import Row, main as bench_main  # noqa: E402
+from bench.common import Row  # noqa: E402
+from bench.common import main as bench_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_FULL, N_QUICK = 2000, 512

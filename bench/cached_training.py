@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Row, main as bench_main  # noqa: E402
+from bench.common import Row  # noqa: E402
+from bench.common import main as bench_main  # noqa: E402
 from cdam_pl.features import FeatureCache, cache_key  # noqa: E402
 
 DIM, CLASSES, BATCH = 384, 1000, 4096

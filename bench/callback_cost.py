@@ -30,11 +30,12 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Row, cpu_threads, main as bench_main, random_vit  # noqa: E402
-from cdam_pl.train.callbacks import ExplanationCallback  # noqa: E402
-from cdam_pl.train.explained import Explained  # noqa: E402
+from bench.common import Row, cpu_threads, random_vit  # noqa: E402
+from bench.common import main as bench_main  # noqa: E402
 from cdam_pl.explain import CDAM  # noqa: E402
 from cdam_pl.metrics import num_deleted, random_tokens  # noqa: E402
+from cdam_pl.train.callbacks import ExplanationCallback  # noqa: E402
+from cdam_pl.train.explained import Explained  # noqa: E402
 
 N_IMAGES, N_CLASSES, TOP_K = 8, 10, 3
 
@@ -75,7 +76,8 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
     labels = list(range(N_IMAGES))
     train = _Images([(torch.randn(3, size, size, generator=g), c) for c in range(N_IMAGES) for _ in range(2)])
     cb = ExplanationCallback(images=images, labels=labels, classes=[f"class {c}" for c in range(N_CLASSES)],
-                             top_k=TOP_K, concepts={"stripes": torch.randn(2, 3, size, size, generator=g)}, class_mean_data=train)
+                             top_k=TOP_K, concepts={"stripes": torch.randn(2, 3, size, size, generator=g)},
+                             class_mean_data=train)
     module = SimpleNamespace(backbone=backbone, head=head)
     model = Explained(backbone, head, trains_backbone=False)  # what the callback finds in a LightningModule
     log_dir = tempfile.mkdtemp(prefix="callback_cost_")

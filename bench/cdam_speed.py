@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Row, cpu_threads, random_vit, timeit, main as bench_main  # noqa: E402
+from bench.common import Row, cpu_threads, random_vit, timeit  # noqa: E402
+from bench.common import main as bench_main  # noqa: E402
 from cdam_pl.explain import CDAM  # noqa: E402
 from cdam_pl.explain.reference import naive_cdam  # noqa: E402
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import Row, counted, cpu_threads, random_vit, timeit, main as bench_main  # noqa: E402
+from bench.common import Row, counted, cpu_threads, random_vit, timeit  # noqa: E402
+from bench.common import main as bench_main  # noqa: E402
 from cdam_pl.explain.tam import naive_token_ablation_map, token_ablation_map  # noqa: E402
 
 MODELS = {  # label: (timm name, image size, overrides, images (full, quick), timing repeats (full, quick))

@@ -289,7 +289,8 @@ def test_concept_map_equals_the_oracle_for_the_mean_embedding_of_the_examples(en
         assert abs(r["similarity"] - float(model.backbone(x)[0] @ v)) < 1e-4
 
 
-@pytest.mark.parametrize("n, words", [(0, "has no example images; choose 1 to 5"), (6, "got 6 images; choose at most 5")])
+@pytest.mark.parametrize("n, words", [(0, "has no example images; choose 1 to 5"),
+                                      (6, "got 6 images; choose at most 5")])
 def test_concepts_need_one_to_five_images(engine, n, words):
     with pytest.raises(DataError, match=words):
         engine.add_concept("stripes", [(f"{i}.png", encode(digit(i))) for i in range(n)])

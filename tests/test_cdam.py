@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from cdam_pl.errors import CdamError
 from cdam_pl.explain import CDAM, attention_maps, concept_vectors
 from cdam_pl.explain.reference import naive_cdam
-from cdam_pl.errors import CdamError
 from tests.conftest import tiny_backbone
 
 RTOL = 1e-5

@@ -2,11 +2,11 @@
 targets (recomputed here from the image files with cdam_pl's CDAM), the panels, manifest and gallery name every
 image, odd image files are converted or skipped, and every user error is one line on stderr with exit status 2."""
 import json
-from importlib import metadata
 import os
 import re
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +17,10 @@ from PIL import Image
 
 import explain
 from cdam_pl import load_explanations, report
-from cdam_pl.explain import registry
 from cdam_pl.checkpoint import load_checkpoint
 from cdam_pl.data import build_transform, load_image
 from cdam_pl.errors import CdamError, ConfigError
-from cdam_pl.explain import CDAM, concept_vectors
+from cdam_pl.explain import CDAM, concept_vectors, registry
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-4, 1e-6
@@ -466,8 +465,9 @@ def bad_checkpoints(tiny_checkpoint, tmp_path_factory):
             return (os.mkdir, (str(d / "marker"),))
 
     torch.save({"cdam_pl": {}, "state_dict": {}, "payload": Evil()}, d / "evil.ckpt")
-    from tests.conftest import tiny_backbone
     from safetensors.torch import save_file
+
+    from tests.conftest import tiny_backbone
 
     bb = tiny_backbone("p16", img_size=(32, 32))  # same architecture, other weights
     save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, d / "other_weights.safetensors")

@@ -24,9 +24,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-from cdam_pl.features.cache import FeatureCache
 from cdam_pl.checkpoint import load_checkpoint, read_checkpoint
 from cdam_pl.errors import CdamError, CheckpointError
+from cdam_pl.features.cache import FeatureCache
 from cdam_pl.train.atomic import AtomicCheckpointIO
 from cdam_pl.train.run import run_training
 from tests.conftest import tiny_config

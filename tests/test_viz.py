@@ -317,7 +317,7 @@ def test_panel_long_titles_wrap_inside_their_cells():
     cols = np.flatnonzero(text[:top].any(0))
     assert cols.size
     gap = boxes[1][2] - boxes[0][3]
-    assert all(any(l - gap / 2 <= c <= r + gap / 2 for _, _, l, r in boxes) for c in cols)
+    assert all(any(left - gap / 2 <= c <= right + gap / 2 for _, _, left, right in boxes) for c in cols)
     # and not clipped: white margin all around
     assert not text[[0, -1]].any() and not text[:, [0, -1]].any()
 

@@ -323,7 +323,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sets", default=",".join(SETS), help="comma-separated image sets (default %(default)s)")
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available; cuda scores every image)")
     helps = {"images": "held-out single items", "composites": "two-item composites", "mosaics": "Focus mosaics",
-             "photos": "scikit-image photos", "expensive": "images per set for TAM, IG, SmoothGrad",
+             "photos": "bundled photos", "expensive": "images per set for TAM, IG, SmoothGrad",
              "faithful": "single items for the forward metrics and randomisation",
              "faithful_expensive": "the same for TAM, IG, SmoothGrad", "steps": "steps per perturbation curve",
              "n_samples": "samples/steps of SmoothGrad, IG, Smooth and Integrated CDAM",
