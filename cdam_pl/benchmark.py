@@ -35,7 +35,7 @@ from PIL import Image
 from torch import Tensor
 
 from cdam_pl.checkpoint import load_checkpoint
-from cdam_pl.cli import run_cli
+from cdam_pl.cli import check_positive, run_cli
 from cdam_pl.data.datasets import FashionMNISTDataset
 from cdam_pl.data.photos import PHOTOS, load_photo
 from cdam_pl.data.splits import stratified_subset
@@ -490,10 +490,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    for key in ("fmnist", "composites", "n_samples", "steps", "batch_size"):
-        v = getattr(args, key)
-        if v is not None and v < 1:
-            raise CdamError(f"--{key.replace('_', '-')} must be >= 1, got {v}")
+    check_positive(args, ("fmnist", "composites", "n_samples", "steps", "batch_size"))
     return args
 
 

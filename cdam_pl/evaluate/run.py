@@ -31,7 +31,7 @@ from torch import Tensor
 
 from cdam_pl.benchmark import CONTROL, find_checkpoint, method_params, photo_set
 from cdam_pl.checkpoint import load_checkpoint
-from cdam_pl.cli import run_cli
+from cdam_pl.cli import check_positive, run_cli
 from cdam_pl.data.photos import PHOTOS
 from cdam_pl.errors import CdamError
 from cdam_pl.evaluate import data as D
@@ -338,10 +338,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    for key in (*SIZE_KEYS, "batch_size", "threads"):
-        v = getattr(args, key)
-        if v is not None and v < 1:
-            raise CdamError(f"--{key.replace('_', '-')} must be >= 1, got {v}")
+    check_positive(args, (*SIZE_KEYS, "batch_size", "threads"))
     if args.photos is not None and args.photos > len(PHOTOS):
         raise CdamError(f"--photos must be at most {len(PHOTOS)} (the bundled photos: {', '.join(PHOTOS)})")
     return args
