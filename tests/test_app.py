@@ -339,9 +339,9 @@ def test_bad_targets_and_methods_are_messages(engine, target, variant, status, w
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_examples_are_the_skimage_photos_and_validation_images_of_distinct_classes(model):
+def test_examples_are_bundled_photos_and_validation_images_of_distinct_classes(model):
     ex = demo_examples(model.config, model.backbone, n_validation=4)
-    assert [e.id for e in ex[:3]] == ["chelsea", "coffee", "astronaut"]
+    assert [e.id for e in ex[:4]] == ["chelsea", "coffee", "astronaut", "grace_hopper"]
     val = [e for e in ex if e.source == "validation"]
     assert len(val) == 4
     labels = [re.search(r"true: (\w+)\)", e.name).group(1) for e in val]
@@ -353,7 +353,7 @@ def test_examples_skip_validation_data_that_is_not_on_this_machine(model, tmp_pa
     notes = []
     cfg = {"data": {"name": "imagefolder", "root": str(tmp_path / "moved")}}
     ex = demo_examples(cfg, model.backbone, warn=notes.append)
-    assert [e.source for e in ex] == ["scikit-image"] * 3
+    assert [e.source for e in ex] == ["scikit-image"] * 3 + ["matplotlib"]
     assert len(notes) == 1 and notes[0].startswith("note: no validation examples") and "\n" not in notes[0]
 
 

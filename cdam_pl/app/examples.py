@@ -1,4 +1,4 @@
-"""The demo's example images: the bundled scikit-image photos plus a few validation images of the checkpoint's data
+"""The demo's example images: four of the bundled photos plus a few validation images of the checkpoint's data
 (one per class, where that data is on this machine)."""
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from cdam_pl.errors import DataError
 
 __all__ = ["Example", "demo_examples"]
 
-EXAMPLE_PHOTOS = ("chelsea", "coffee", "astronaut")
+# the last one is a portrait in uniform: clothing, for a head trained on clothing
+EXAMPLE_PHOTOS = ("chelsea", "coffee", "astronaut", "grace_hopper")
 
 
 @dataclass
@@ -57,7 +58,7 @@ def _validation_examples(config: dict[str, Any], backbone, n: int) -> list[Examp
 
 def demo_examples(config: dict[str, Any], backbone, n_validation: int = 4,
                   warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> list[Example]:
-    """The bundled scikit-image photos plus a few of the checkpoint's validation images where available."""
+    """Four bundled photos plus a few of the checkpoint's validation images where available."""
     out = _photo_examples()
     try:
         out += _validation_examples(config, backbone, n_validation)
