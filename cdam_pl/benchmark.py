@@ -24,6 +24,7 @@ import math
 import platform
 import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,7 +364,7 @@ def figure_grid(model, sets: list[ImageSet], maps: dict[str, dict[str, Tensor]],
             img = to_uint8_image(s.images[i].cpu(), dc["mean"], dc["std"])
             cells = [img] + [overlay(img, maps[s.name][m][i, 0], q=DISPLAY_Q, alpha=0.65) for m in methods]
             rows.append(cells)
-            titles.append(f"{s.name}\n{s.titles[i][:28]}")
+            titles.append("\n".join([s.name, *textwrap.wrap(s.titles[i], 20)[:2]]))  # the row label, rotated
     cols = ["image"] + [registry.get(m).label for m in methods]
     return strip(rows, titles, cols, suptitle="map of target 0 (top-1 class / left item); red = evidence for, "
                      "blue = against; each map on its own colour scale")
