@@ -1,12 +1,12 @@
-"""Write the demo's example images: Fashion-MNIST validation items, a two-item composite, photos bundled with
-scikit-image, and a small 'trouser' concept folder (all offline)."""
+"""Write the demo's example images: Fashion-MNIST validation items, a two-item composite, two bundled photos
+(`cdam_pl.data.photos`), and a small 'trouser' concept folder (all offline)."""
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from cdam_pl.data import FashionMNISTDataset
+from cdam_pl.data.photos import load_photo
 
 
 def main(out: str) -> None:
@@ -30,10 +30,8 @@ def main(out: str) -> None:
     trousers = [i for i, y in enumerate(val.targets) if y == 1][10:15]
     for i in trousers:
         val.load_image(i).save(concept_dir / f"trouser_{i}.png")
-    from skimage import data
-
     for name in ("chelsea", "coffee"):
-        Image.fromarray(np.asarray(getattr(data, name)())).save(out_dir / f"photo_{name}.png")
+        load_photo(name).save(out_dir / f"photo_{name}.png")
     print(f"demo images in {out_dir}")
 
 

@@ -27,7 +27,7 @@ class Example:
 
 
 def _photo_examples() -> list[Example]:
-    """Three of the bundled photos (`cdam_pl.data.photos`); none where their package is not installed."""
+    """The EXAMPLE_PHOTOS (`cdam_pl.data.photos`); none where their package is not installed."""
     try:
         return [Example(key, PHOTOS[key].label, PHOTOS[key].package, load_photo(key)) for key in EXAMPLE_PHOTOS]
     except DataError:  # the demo works without its photos

@@ -139,23 +139,29 @@ def predict_top(model, images: Tensor, k: int, batch_size: int, device: torch.de
     return torch.cat(out)
 
 
-def build_set(model, name: str, sizes: dict[str, int], seed: int, batch_size: int, device: torch.device,
-              fmnist: Callable[[], tuple[Any, list[int]]]) -> D.EvalSet:
-    """The image set `name`; fmnist() gives the Fashion-MNIST test split and its held-out pool."""
+def set_size(name: str, sizes: dict[str, int]) -> int | list[str]:
+    """What fixes the image set `name` besides the seed: its number of images, or the photos' names."""
     if name == "photos":
-        names = list(PHOTOS)[:sizes["photos"]]
-        b = photo_set(model, names, torch.device("cpu"))
-        s = D.EvalSet("photos", b.images, b.targets.cpu(), names, b.titles, note=b.note)
+        return list(PHOTOS)[:sizes["photos"]]
+    return sizes["images" if name == "fmnist" else name]
+
+
+def build_set(model, name: str, size: int | list[str], seed: int, batch_size: int, device: torch.device,
+              fmnist: Callable[[], tuple[Any, list[int]]]) -> D.EvalSet:
+    """The image set `name` of `set_size`; fmnist() gives the Fashion-MNIST test split and its held-out pool."""
+    if name == "photos":
+        b = photo_set(model, size, torch.device("cpu"))
+        s = D.EvalSet("photos", b.images, b.targets.cpu(), list(size), b.titles, note=b.note)
     else:
         test, pool = fmnist()
         if name == "fmnist":
-            idx = D.heldout_indices(test, pool, sizes["images"], seed)
+            idx = D.heldout_indices(test, pool, size, seed)
             s = D.fmnist_set(model, test, idx, lambda x: predict_top(model, x, 2, batch_size, device))
         elif name == "composites":
-            s = D.composite_set(model, test, pool, sizes["composites"], seed)
+            s = D.composite_set(model, test, pool, size, seed)
             s.extra["localised_targets"] = (0, 1)
         else:
-            s = D.mosaic_set(model, test, pool, sizes["mosaics"], seed)
+            s = D.mosaic_set(model, test, pool, size, seed)
     s.extra["order"] = D.seeded_order(len(s), seed)
     return s
 
@@ -209,9 +215,9 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
     sets, set_keys = [], {}
     for name in wanted:
-        size = {"photos": list(PHOTOS)[:sizes["photos"]], "fmnist": sizes["images"]}.get(name, sizes.get(name))
-        s, set_keys[name] = work.get(f"set-{name}", base | {"size": size}, lambda name=name: build_set(
-            model, name, sizes, args.seed, args.batch_size, device, fmnist))
+        size = set_size(name, sizes)
+        s, set_keys[name] = work.get(f"set-{name}", base | {"size": size}, lambda name=name, size=size: build_set(
+            model, name, size, args.seed, args.batch_size, device, fmnist))
         sets.append(s)
     map_keys: dict[str, dict[str, str]] = {}
     results: dict[str, dict[str, MethodResult]] = {}
